@@ -1,0 +1,100 @@
+"""DistillationConfig: the Trainer's arguments plus what token-level distillation needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import Seq2SeqTrainingArguments
+
+from hf_kd.losses import DIVERGENCES
+
+
+@dataclass
+class DistillationConfig(Seq2SeqTrainingArguments):
+    """Arguments for :class:`hf_kd.DistillationTrainer`.
+
+    Every field of :class:`transformers.Seq2SeqTrainingArguments` works as it does there. The training loss is
+    ``alpha * CE(student, labels) + (1 - alpha) * temperature**2 * D(student / T, teacher / T)``, averaged over
+    target tokens, where ``D`` is the divergence named by ``loss``.
+    """
+
+    teacher_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub id or local directory of the teacher, used when no `teacher_model` object is passed to "
+            "the trainer. Loaded with AutoModelForSeq2SeqLM or AutoModelForCausalLM, whichever fits its config."
+        },
+    )
+    teacher_model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Keyword arguments for the teacher's `from_pretrained` (e.g. `{\"dtype\": \"bfloat16\"}`), "
+            "as a dict or a JSON string."
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={
+            "help": "Passed to `from_pretrained` for the teacher (and by the recipes for the student). hf_kd never "
+            "turns it on by itself: only enable it for repositories whose code you have read."
+        },
+    )
+    loss: str = field(
+        default="forward_kl",
+        metadata={
+            "help": "The divergence between teacher and student token distributions.",
+            "choices": sorted(DIVERGENCES),
+        },
+    )
+    temperature: float = field(
+        default=1.0,
+        metadata={"help": "Softmax temperature applied to both teacher and student logits; must be > 0."},
+    )
+    alpha: float = field(
+        default=0.5,
+        metadata={
+            "help": "Weight of the cross-entropy loss on the labels, in [0, 1]; the divergence gets 1 - alpha. "
+            "alpha = 0 is pure distillation, alpha = 1 plain fine-tuning."
+        },
+    )
+    beta: float = field(
+        default=0.5,
+        metadata={
+            "help": "Mixture weight of the teacher in the generalized JSD (loss='jsd'), in (0, 1); 0.5 is the "
+            "symmetric Jensen-Shannon divergence."
+        },
+    )
+    skew: float = field(
+        default=0.1,
+        metadata={"help": "Skew of skew_forward_kl / skew_reverse_kl (DistiLLM), in [0, 1]; 0 is the plain KL."},
+    )
+    loss_chunk_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Compute the loss over this many target tokens at a time to bound the float32 memory of "
+            "[tokens, vocab] tensors; None computes all at once."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.teacher_model_init_kwargs, str):
+            import json
+
+            self.teacher_model_init_kwargs = json.loads(self.teacher_model_init_kwargs)
+        if self.loss not in DIVERGENCES:
+            raise ValueError(f"loss={self.loss!r} is not a known divergence: use one of {sorted(DIVERGENCES)}.")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature={self.temperature} must be > 0 (1.0 leaves the logits unchanged).")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha={self.alpha} must be in [0, 1]: 0 is pure distillation, 1 plain CE.")
+        if not 0.0 < self.beta < 1.0:
+            raise ValueError(
+                f"beta={self.beta} must be in (0, 1) (0.5 is the symmetric JSD); for beta 0 or 1 use "
+                "loss='forward_kl' or loss='reverse_kl'."
+            )
+        if not 0.0 <= self.skew <= 1.0:
+            raise ValueError(f"skew={self.skew} must be in [0, 1] (0.1 is DistiLLM's default).")
+        if self.loss_chunk_size is not None and self.loss_chunk_size <= 0:
+            raise ValueError(f"loss_chunk_size={self.loss_chunk_size} must be a positive number of tokens or None.")

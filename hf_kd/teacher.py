@@ -1,0 +1,142 @@
+"""The teacher: loading it, checking it fits the student, and preparing it frozen on the student's devices."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class TokenizerMismatchError(ValueError):
+    """Teacher and student tokenizers map tokens to different ids, so their distributions cannot be compared."""
+
+
+def load_teacher(name_or_path: str, args: Any) -> tuple[nn.Module, Any]:
+    """Load a teacher (and its tokenizer, when it has one) with the Auto class that fits its config.
+
+    Weights are read from safetensors only; ``trust_remote_code`` is whatever the config says (default off).
+    """
+    trust = bool(getattr(args, "trust_remote_code", False))
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust)
+    auto_class = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    kwargs = dict(getattr(args, "teacher_model_init_kwargs", None) or {})
+    kwargs.setdefault("use_safetensors", True)
+    teacher = auto_class.from_pretrained(name_or_path, trust_remote_code=trust, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust)
+    except (OSError, ValueError):  # a model folder without tokenizer files: nothing to compare against
+        tokenizer = None
+    return teacher, tokenizer
+
+
+def check_compatible(student: nn.Module, teacher: nn.Module) -> None:
+    """Refuse a teacher whose outputs cannot be lined up with the student's token by token."""
+    student_ed = bool(getattr(getattr(student, "config", None), "is_encoder_decoder", False))
+    teacher_ed = bool(getattr(getattr(teacher, "config", None), "is_encoder_decoder", False))
+    if student_ed != teacher_ed:
+        kinds = {True: "encoder-decoder", False: "causal (decoder-only)"}
+        raise ValueError(
+            f"The student is {kinds[student_ed]} but the teacher is {kinds[teacher_ed]}: token-level "
+            "distillation needs both to predict the same target positions. Use a teacher of the same kind "
+            "(e.g. BART -> BART, T5 -> T5, GPT-2 -> GPT-2)."
+        )
+
+
+def _output_width(model: nn.Module) -> int:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    return int(model.config.vocab_size)
+
+
+def _tokenizer_name(tokenizer: Any) -> str:
+    return f"{type(tokenizer).__name__}({getattr(tokenizer, 'name_or_path', '') or '<unnamed>'!r})"
+
+
+def shared_vocab_size(
+    student: nn.Module, teacher: nn.Module, student_tokenizer: Any = None, teacher_tokenizer: Any = None
+) -> int:
+    """How many leading logit columns both models give to the same real tokens.
+
+    Output layers are often wider than the vocabulary (T5: 32128 columns for 32100 tokens; widths padded to
+    a multiple of 64); the padding columns are never targets, so the divergence ignores them. With both
+    tokenizers, they must map the same tokens to the same ids; with the student's alone, the teacher is
+    taken to share it; with none, the narrower output layer decides.
+    """
+    widths = (_output_width(student), _output_width(teacher))
+    tokenizer = student_tokenizer if hasattr(student_tokenizer, "get_vocab") else None
+    teacher_tok = teacher_tokenizer if hasattr(teacher_tokenizer, "get_vocab") else None
+    if tokenizer is not None and teacher_tok is not None and tokenizer.get_vocab() != teacher_tok.get_vocab():
+        raise TokenizerMismatchError(
+            f"The student's tokenizer {_tokenizer_name(tokenizer)} ({len(tokenizer)} tokens) and the teacher's "
+            f"{_tokenizer_name(teacher_tok)} ({len(teacher_tok)} tokens) map tokens to different ids, so their "
+            "token distributions cannot be compared. Use a student that shares the teacher's tokenizer "
+            "(e.g. hf_kd's student made from the teacher), or distill on teacher generations (sequence-level "
+            "KD); cross-tokenizer distillation is not supported yet."
+        )
+    if tokenizer is None:
+        tokenizer = teacher_tok
+    if tokenizer is None:
+        if widths[0] != widths[1]:
+            logger.warning(
+                "Student and teacher output widths differ (%d vs %d) and no tokenizer was given: the "
+                "divergence uses the first %d columns. Pass processing_class to be exact.",
+                *widths,
+                min(widths),
+            )
+        return min(widths)
+    vocab = len(tokenizer)
+    if vocab > min(widths):
+        raise TokenizerMismatchError(
+            f"The tokenizer {_tokenizer_name(tokenizer)} has {vocab} tokens but the output layers are "
+            f"{widths[0]} (student) and {widths[1]} (teacher) wide: a model does not cover the vocabulary. "
+            "Resize it with model.resize_token_embeddings(len(tokenizer)), or pass the right tokenizer."
+        )
+    return vocab
+
+
+def prepare_teacher(teacher: nn.Module, args: Any, accelerator: Accelerator) -> nn.Module:
+    """Freeze the teacher, cast it to the compute dtype and place it as Accelerate places eval models."""
+    teacher.eval()
+    teacher.requires_grad_(False)
+    compute_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+    if compute_dtype is not None and next(teacher.parameters()).dtype == torch.float32:
+        teacher.to(compute_dtype)  # it never trains, so float32 master weights buy nothing
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return _prepare_deepspeed(teacher, accelerator)
+    # evaluation_mode: moved to the device and under autocast, but not wrapped in DDP.
+    return accelerator.prepare_model(teacher, evaluation_mode=True)
+
+
+def _prepare_deepspeed(teacher: nn.Module, accelerator: Accelerator) -> nn.Module:
+    """An inference engine for the teacher: sharded under ZeRO-3, replicated (stage 0) otherwise."""
+    import deepspeed
+
+    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    stage = config["zero_optimization"]["stage"]
+    hidden = getattr(teacher.config, "hidden_size", None) or getattr(teacher.config, "d_model", None)
+    if stage == 3 and hidden:
+        config["zero_optimization"].update(
+            {
+                "reduce_bucket_size": hidden * hidden,
+                "stage3_param_persistence_threshold": 10 * hidden,
+                "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+            }
+        )
+    # No optimizer is given to the engine: drop the training-only blocks.
+    config.pop("optimizer", None)
+    config.pop("scheduler", None)
+    config["zero_optimization"].pop("offload_optimizer", None)
+    if stage != 3:
+        config["zero_optimization"]["stage"] = 0
+    engine, *_ = deepspeed.initialize(model=teacher, config=config)
+    engine.eval()
+    return engine

@@ -1,0 +1,237 @@
+"""DistillationTrainer: a Seq2SeqTrainer whose loss is token-level distillation from a frozen teacher."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, Seq2SeqTrainer
+
+from hf_kd.config import DistillationConfig
+from hf_kd.losses import IGNORE_INDEX, distillation_loss
+from hf_kd.teacher import check_compatible, load_teacher, prepare_teacher, shared_vocab_size
+
+# The sums kept between two logging steps: divergence, cross-entropy, target tokens, top-1 agreements.
+_KD, _CE, _TOKENS, _AGREE = range(4)
+
+
+class DistillationTrainer(Seq2SeqTrainer):
+    """A :class:`transformers.Seq2SeqTrainer` that distills a teacher into the student ``model``.
+
+    The teacher is frozen, kept in eval mode, run once per step under ``no_grad`` and never saved or
+    optimized. The loss is ``alpha * CE + (1 - alpha) * T**2 * D(student / T, teacher / T)`` over the target
+    tokens (labels != -100), see :func:`hf_kd.losses.distillation_loss`. Besides ``loss``, the logs carry
+    ``kd_loss`` (the mean divergence at temperature ``T``), ``ce_loss`` (the mean cross-entropy on the labels)
+    and ``teacher_agreement`` (how often the student's top-1 token is the teacher's).
+
+    Args:
+        model: the student, a causal LM or an encoder-decoder model.
+        teacher_model: the teacher, a model object or a Hub id / local path; when ``None``,
+            ``args.teacher_model_name_or_path`` is loaded.
+        args: a :class:`hf_kd.DistillationConfig`.
+        processing_class: the student's tokenizer.
+        teacher_processing_class: the teacher's tokenizer, when it may differ from the student's; the
+            trainer then checks that both map the same tokens to the same ids.
+        **kwargs: everything else :class:`transformers.Seq2SeqTrainer` takes (datasets, collator, callbacks,
+            ``compute_metrics`` ...).
+    """
+
+    # The loss is divided by the target-token count of the whole accumulated batch (see get_batch_samples),
+    # so the Trainer must not divide it again by the number of accumulation steps.
+    loss_is_scaled_for_ga = True
+
+    def __init__(
+        self,
+        model: PreTrainedModel | nn.Module | None = None,
+        teacher_model: PreTrainedModel | nn.Module | str | None = None,
+        args: DistillationConfig | None = None,
+        processing_class: Any = None,
+        teacher_processing_class: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        if args is None:
+            args = DistillationConfig(output_dir="hf_kd_output")
+        if not isinstance(args, DistillationConfig):
+            raise TypeError(
+                f"args is a {type(args).__name__}; DistillationTrainer needs a hf_kd.DistillationConfig, which "
+                "takes the same fields plus loss, temperature, alpha, beta and skew."
+            )
+        if model is None:
+            raise ValueError("DistillationTrainer needs the student as `model`.")
+        teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
+        if teacher_model is None:
+            raise ValueError(
+                "No teacher: pass `teacher_model=` (a model or a path) or set `teacher_model_name_or_path` in "
+                "the DistillationConfig."
+            )
+        if isinstance(teacher_model, str):
+            teacher_model, loaded_tokenizer = load_teacher(teacher_model, args)
+            teacher_processing_class = teacher_processing_class or loaded_tokenizer
+        if teacher_model is model:
+            raise ValueError(
+                "The teacher is the student object itself: distilling a model into itself teaches nothing. "
+                "Pass a separate teacher (e.g. a larger model, or a frozen copy made with copy.deepcopy)."
+            )
+        check_compatible(model, teacher_model)
+
+        super().__init__(model=model, args=args, processing_class=processing_class, **kwargs)
+        self.is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+        self.vocab_size = shared_vocab_size(model, teacher_model, processing_class, teacher_processing_class)
+        # Have the Trainer count target tokens over accumulated micro-batches and pass num_items_in_batch.
+        self.model_accepts_loss_kwargs = True
+        self.teacher = prepare_teacher(teacher_model, args, self.accelerator)
+        self._kd_sums = {"train": torch.zeros(4, dtype=torch.float64), "eval": torch.zeros(4, dtype=torch.float64)}
+        self._check_labels_present()
+
+    # ---- construction checks --------------------------------------------------------------------------
+
+    def _check_labels_present(self) -> None:
+        """With alpha > 0 the batches need labels; find out now from one collated row, not after an hour."""
+        if self.args.alpha == 0.0 or self.train_dataset is None:
+            return
+        try:
+            batch = self.data_collator([self.train_dataset[0]])
+        except Exception:  # a row the collator can only take after column removal: checked per batch instead
+            return
+        if "labels" not in batch:
+            raise ValueError(_missing_labels_message(self.args.alpha))
+
+    # ---- the loss -------------------------------------------------------------------------------------
+
+    def _targets(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """Labels aligned with the logits: shifted for causal LMs; attention-masked input ids without labels."""
+        labels = inputs.get("labels")
+        if labels is None:
+            if self.args.alpha > 0.0:
+                raise ValueError(_missing_labels_message(self.args.alpha))
+            if self.is_encoder_decoder:
+                raise ValueError("An encoder-decoder student needs `labels` (the decoder targets) in each batch.")
+            labels = inputs["input_ids"].masked_fill(inputs["attention_mask"].eq(0), IGNORE_INDEX)
+        return labels if self.is_encoder_decoder else labels[..., 1:]
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):  # noqa: ANN001, ANN201
+        """Count the target tokens of all micro-batches of one optimizer step, on all processes."""
+        batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if not batch_samples:
+            return batch_samples, None
+        count = sum(self._targets(batch).ne(IGNORE_INDEX).sum() for batch in batch_samples).to(device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            count = self.accelerator.gather(count).sum()
+        return batch_samples, count
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        targets = self._targets(inputs)
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        if self.is_encoder_decoder and "decoder_input_ids" not in model_inputs:
+            student = self.accelerator.unwrap_model(model)
+            model_inputs["decoder_input_ids"] = student.prepare_decoder_input_ids_from_labels(labels=targets)
+        model_inputs["use_cache"] = False
+
+        outputs = model(**model_inputs)
+        with torch.no_grad():
+            teacher_logits = self.teacher(**model_inputs).logits
+        student_logits = outputs.logits[..., : self.vocab_size]
+        teacher_logits = teacher_logits[..., : self.vocab_size]
+        if not self.is_encoder_decoder:
+            student_logits, teacher_logits = student_logits[:, :-1], teacher_logits[:, :-1]
+
+        if not model.training:
+            num_items_in_batch = None  # evaluation reports the per-batch mean
+        result = distillation_loss(
+            student_logits,
+            teacher_logits,
+            targets,
+            loss=self.args.loss,
+            temperature=self.args.temperature,
+            alpha=self.args.alpha,
+            beta=self.args.beta,
+            skew=self.args.skew,
+            num_items_in_batch=num_items_in_batch,
+            chunk_size=self.args.loss_chunk_size,
+        )
+        loss = result.loss
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            # DDP averages gradients over processes, but the normalizer already counts every process's tokens.
+            loss = loss * self.accelerator.num_processes
+
+        sums = self._kd_sums["train" if model.training else "eval"]
+        sums += torch.stack(
+            [
+                result.kd_sum.double().cpu(),
+                result.ce_sum.double().cpu(),
+                torch.tensor(float(result.num_tokens), dtype=torch.float64),
+                result.agreement.double().cpu(),
+            ]
+        )
+        return (loss, outputs) if return_outputs else loss
+
+    # ---- evaluation -----------------------------------------------------------------------------------
+
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+        **gen_kwargs: Any,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        if not self.args.predict_with_generate or prediction_loss_only or "labels" not in inputs:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs)
+        # Seq2SeqTrainer reports the student's own CE when generating; report the distillation loss instead.
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, self._prepare_inputs(inputs)).detach()
+        _, generated, labels = super().prediction_step(
+            model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs
+        )
+        return loss, generated, labels
+
+    def evaluation_loop(
+        self,
+        dataloader: Any,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> Any:
+        self._kd_sums["eval"].zero_()
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        output.metrics.update(self._drain_metrics("eval", prefix=f"{metric_key_prefix}_"))
+        return output
+
+    # ---- logging --------------------------------------------------------------------------------------
+
+    def _drain_metrics(self, mode: str, prefix: str = "") -> dict[str, float]:
+        """Token-weighted means since the last call, summed over processes, then reset."""
+        sums = self._kd_sums[mode].clone()
+        if self.args.world_size > 1:
+            sums = self.accelerator.reduce(sums.to(self.args.device), reduction="sum").cpu()
+        self._kd_sums[mode].zero_()
+        tokens = sums[_TOKENS].item()
+        if tokens == 0:
+            return {}
+        metrics = {
+            "kd_loss": sums[_KD].item() / tokens,
+            "ce_loss": sums[_CE].item() / tokens,
+            "teacher_agreement": sums[_AGREE].item() / tokens,
+        }
+        return {f"{prefix}{k}": round(v, 6) for k, v in metrics.items()}
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log; evaluation metrics are added in evaluation_loop
+            logs = {**logs, **self._drain_metrics("train")}
+        super().log(logs, start_time)
+
+
+def _missing_labels_message(alpha: float) -> str:
+    return (
+        f"alpha={alpha} weighs a cross-entropy on `labels`, but the batches have none. Add a `labels` column "
+        "(or use DataCollatorForLanguageModeling(tokenizer, mlm=False) / DataCollatorForSeq2Seq), or set "
+        "alpha=0 for pure distillation."
+    )
