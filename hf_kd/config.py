@@ -29,7 +29,7 @@ class DistillationConfig(Seq2SeqTrainingArguments):
     teacher_model_init_kwargs: dict[str, Any] | str | None = field(
         default=None,
         metadata={
-            "help": "Keyword arguments for the teacher's `from_pretrained` (e.g. `{\"dtype\": \"bfloat16\"}`), "
+            "help": 'Keyword arguments for the teacher\'s `from_pretrained` (e.g. `{"dtype": "bfloat16"}`), '
             "as a dict or a JSON string."
         },
     )
