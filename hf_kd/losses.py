@@ -179,10 +179,15 @@ def distillation_loss(
     normalizer = num_items_in_batch if num_items_in_batch is not None else max(num_tokens, 1)
     if torch.is_tensor(normalizer):
         normalizer = normalizer.to(kd_sum.device)
-    total = (alpha * ce_sum + (1.0 - alpha) * temperature**2 * kd_sum) / normalizer
+    # A weightless term is left out rather than multiplied by 0: an infinite CE (a target the student rules out
+    # with -inf) would otherwise make an alpha = 0 loss NaN.
+    ce_term = alpha * ce_sum if alpha > 0.0 else 0.0
+    kd_term = (1.0 - alpha) * temperature**2 * kd_sum if alpha < 1.0 else 0.0
+    total = (ce_term + kd_term) / normalizer
     if num_tokens == 0:
-        # No target token: tie the zero loss to the student's graph so that backward gives zero gradients.
-        total = total + student.sum()
+        # No target token: a zero tied to the student's graph, so that backward gives zero gradients; not the
+        # quotient, which is 0 / 0 = NaN when num_items_in_batch counts no target either.
+        total = student.sum().float()
     return DistillationLossOutput(
         loss=total,
         kd_sum=kd_sum.detach(),

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel, Seq2SeqTrainer
 
+from hf_kd.card import distillation_section, insert_section
 from hf_kd.config import DistillationConfig
 from hf_kd.losses import IGNORE_INDEX, distillation_loss
 from hf_kd.teacher import check_compatible, load_teacher, prepare_teacher, shared_vocab_size
@@ -65,6 +67,7 @@ class DistillationTrainer(Seq2SeqTrainer):
                 "No teacher: pass `teacher_model=` (a model or a path) or set `teacher_model_name_or_path` in "
                 "the DistillationConfig."
             )
+        self.teacher_name = teacher_model if isinstance(teacher_model, str) else _model_name(teacher_model)
         if isinstance(teacher_model, str):
             teacher_model, loaded_tokenizer = load_teacher(teacher_model, args)
             teacher_processing_class = teacher_processing_class or loaded_tokenizer
@@ -227,6 +230,64 @@ class DistillationTrainer(Seq2SeqTrainer):
         if "loss" in logs:  # a training log; evaluation metrics are added in evaluation_loop
             logs = {**logs, **self._drain_metrics("train")}
         super().log(logs, start_time)
+
+    # ---- model card -----------------------------------------------------------------------------------
+
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+    ) -> None:
+        """The Trainer's model card (called by ``push_to_hub`` too), plus how the student was distilled.
+
+        ``base_model`` is the Hub checkpoint the student started from, or else the teacher when it is on the Hub;
+        a local teacher folder is named in the card's text only.
+        """
+        if not self.is_world_process_zero():
+            return
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        tags = ["hf-kd", "distillation"] + [t for t in tags if t not in ("hf-kd", "distillation")]
+        if finetuned_from is None:
+            finetuned_from = next((n for n in (_model_name(self.model), self.teacher_name) if _is_hub_id(n)), None)
+        super().create_model_card(
+            language=language,
+            license=license,
+            tags=tags,
+            model_name=model_name,
+            finetuned_from=finetuned_from,
+            tasks=tasks,
+            dataset_tags=dataset_tags,
+            dataset=dataset,
+            dataset_args=dataset_args,
+        )
+        path = os.path.join(self.args.output_dir, "README.md")
+        with open(path, encoding="utf-8") as f:
+            card = f.read()
+        evals = [log for log in self.state.log_history if any(k.startswith("eval_") for k in log)]
+        metrics = {k: v for k, v in evals[-1].items() if k.startswith("eval_") and "runtime" not in k} if evals else {}
+        metrics = {k: v for k, v in metrics.items() if not k.endswith("_per_second")}
+        data_name = dataset if isinstance(dataset, str) else ", ".join(dataset) if dataset else None
+        section = distillation_section(teacher=self.teacher_name, args=self.args, dataset=data_name, metrics=metrics)
+        if finetuned_from is not None and finetuned_from == self.teacher_name:
+            card = card.replace("is a fine-tuned version of", "was distilled from")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(insert_section(card, section))
+
+
+def _model_name(model: nn.Module) -> str:
+    return str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
+
+
+def _is_hub_id(name: str) -> bool:
+    """A name that points at a Hub repository rather than a local folder or a class name."""
+    return "/" in name and not os.path.isdir(name) and not name.startswith((".", "/"))
 
 
 def _missing_labels_message(alpha: float) -> str:
