@@ -11,11 +11,8 @@ from transformers import PreTrainedModel, Seq2SeqTrainer
 
 from hf_kd.card import distillation_section, insert_section
 from hf_kd.config import DistillationConfig
-from hf_kd.losses import IGNORE_INDEX, distillation_loss
+from hf_kd.losses import IGNORE_INDEX, DistillationLossOutput, distillation_loss
 from hf_kd.teacher import check_compatible, load_teacher, prepare_teacher, shared_vocab_size
-
-# The sums kept between two logging steps: divergence, cross-entropy, target tokens, top-1 agreements.
-_KD, _CE, _TOKENS, _AGREE = range(4)
 
 
 class DistillationTrainer(Seq2SeqTrainer):
@@ -84,7 +81,7 @@ class DistillationTrainer(Seq2SeqTrainer):
         # Have the Trainer count target tokens over accumulated micro-batches and pass num_items_in_batch.
         self.model_accepts_loss_kwargs = True
         self.teacher = prepare_teacher(teacher_model, args, self.accelerator)
-        self._kd_sums = {"train": torch.zeros(4, dtype=torch.float64), "eval": torch.zeros(4, dtype=torch.float64)}
+        self._kd_sums = {"train": torch.zeros(4, dtype=self._sum_dtype), "eval": torch.zeros(4, dtype=self._sum_dtype)}
         self._check_labels_present()
 
     # ---- construction checks --------------------------------------------------------------------------
@@ -164,15 +161,7 @@ class DistillationTrainer(Seq2SeqTrainer):
             # DDP averages gradients over processes, but the normalizer already counts every process's tokens.
             loss = loss * self.accelerator.num_processes
 
-        sums = self._kd_sums["train" if model.training else "eval"]
-        sums += torch.stack(
-            [
-                result.kd_sum.double().cpu(),
-                result.ce_sum.double().cpu(),
-                torch.tensor(float(result.num_tokens), dtype=torch.float64),
-                result.agreement.double().cpu(),
-            ]
-        )
+        self._accumulate("train" if model.training else "eval", result)
         return (loss, outputs) if return_outputs else loss
 
     # ---- evaluation -----------------------------------------------------------------------------------
@@ -210,20 +199,28 @@ class DistillationTrainer(Seq2SeqTrainer):
 
     # ---- logging --------------------------------------------------------------------------------------
 
+    @property
+    def _sum_dtype(self) -> torch.dtype:
+        return torch.float32 if self.args.device.type == "mps" else torch.float64  # MPS has no float64
+
+    def _accumulate(self, mode: str, result: DistillationLossOutput) -> None:
+        """Add a batch's divergence, CE, target-token and agreement sums on its device: no host sync per step."""
+        sums = self._kd_sums[mode]
+        if sums.device != result.kd_sum.device:
+            sums = self._kd_sums[mode] = sums.to(result.kd_sum.device)
+        batch = [result.kd_sum, result.ce_sum, result.kd_sum.new_tensor(result.num_tokens), result.agreement]
+        sums += torch.stack([value.to(sums.dtype) for value in batch])
+
     def _drain_metrics(self, mode: str, prefix: str = "") -> dict[str, float]:
         """Token-weighted means since the last call, summed over processes, then reset."""
         sums = self._kd_sums[mode].clone()
         if self.args.world_size > 1:
-            sums = self.accelerator.reduce(sums.to(self.args.device), reduction="sum").cpu()
+            sums = self.accelerator.reduce(sums.to(self.args.device), reduction="sum")
         self._kd_sums[mode].zero_()
-        tokens = sums[_TOKENS].item()
+        kd, ce, tokens, agree = sums.tolist()
         if tokens == 0:
             return {}
-        metrics = {
-            "kd_loss": sums[_KD].item() / tokens,
-            "ce_loss": sums[_CE].item() / tokens,
-            "teacher_agreement": sums[_AGREE].item() / tokens,
-        }
+        metrics = {"kd_loss": kd / tokens, "ce_loss": ce / tokens, "teacher_agreement": agree / tokens}
         return {f"{prefix}{k}": round(v, 6) for k, v in metrics.items()}
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
