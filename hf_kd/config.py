@@ -96,5 +96,10 @@ class DistillationConfig(Seq2SeqTrainingArguments):
             )
         if not 0.0 <= self.skew <= 1.0:
             raise ValueError(f"skew={self.skew} must be in [0, 1] (0.1 is DistiLLM's default).")
+        if self.label_smoothing_factor:
+            raise ValueError(
+                f"label_smoothing_factor={self.label_smoothing_factor} is not applied by DistillationTrainer: the "
+                "teacher's distribution already softens the targets. Set it to 0 and lower alpha instead."
+            )
         if self.loss_chunk_size is not None and self.loss_chunk_size <= 0:
             raise ValueError(f"loss_chunk_size={self.loss_chunk_size} must be a positive number of tokens or None.")

@@ -23,6 +23,7 @@ from hf_kd import DistillationConfig, DistillationTrainer, TokenizerMismatchErro
         ("skew", 1.2, "skew"),
         ("loss", "kl", "forward_kl"),
         ("loss_chunk_size", 0, "loss_chunk_size"),
+        ("label_smoothing_factor", 0.1, "lower alpha"),
     ],
 )
 def test_config_rejects_out_of_range(tmp_path, field, value, needle):
