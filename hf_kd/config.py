@@ -77,6 +77,29 @@ class DistillationConfig(Seq2SeqTrainingArguments):
         },
     )
 
+    lmbda: float = field(
+        default=0.0,
+        metadata={
+            "help": "On-policy share (GKD): the probability, drawn once per optimizer step, that the student "
+            "writes the targets of the step's batches after their prompts and the teacher scores them."
+        },
+    )
+    seq_kd: bool = field(
+        default=False,
+        metadata={
+            "help": "Sequence-level KD: on the steps that are not on-policy, the teacher writes the targets after "
+            "the prompts (Kim & Rush 2016)."
+        },
+    )
+    max_new_tokens: int = field(
+        default=128,
+        metadata={"help": "Most tokens generated per target, on-policy or with seq_kd."},
+    )
+    generation_temperature: float = field(
+        default=1.0,
+        metadata={"help": "Sampling temperature of generated targets; 0 generates greedily."},
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if isinstance(self.teacher_model_init_kwargs, str):
@@ -101,5 +124,11 @@ class DistillationConfig(Seq2SeqTrainingArguments):
                 f"label_smoothing_factor={self.label_smoothing_factor} is not applied by DistillationTrainer: the "
                 "teacher's distribution already softens the targets. Set it to 0 and lower alpha instead."
             )
+        if not 0.0 <= self.lmbda <= 1.0:
+            raise ValueError(f"lmbda={self.lmbda} must be in [0, 1]: the probability of an on-policy step.")
+        if self.generation_temperature < 0:
+            raise ValueError(f"generation_temperature={self.generation_temperature} must be >= 0 (0 is greedy).")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be at least 1.")
         if self.loss_chunk_size is not None and self.loss_chunk_size <= 0:
             raise ValueError(f"loss_chunk_size={self.loss_chunk_size} must be a positive number of tokens or None.")

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+import random
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel, Seq2SeqTrainer
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from hf_kd.card import distillation_section, insert_section
 from hf_kd.config import DistillationConfig
+from hf_kd.generation import generate_causal_targets, generate_seq2seq_targets
 from hf_kd.losses import IGNORE_INDEX, DistillationLossOutput, distillation_loss
 from hf_kd.teacher import check_compatible, load_teacher, prepare_teacher, shared_vocab_size
 
@@ -111,14 +114,53 @@ class DistillationTrainer(Seq2SeqTrainer):
         return labels if self.is_encoder_decoder else labels[..., 1:]
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):  # noqa: ANN001, ANN201
-        """Count the target tokens of all micro-batches of one optimizer step, on all processes."""
+        """The micro-batches of one optimizer step, with generated targets on on-policy or seq_kd steps, and
+        the count of their target tokens on all processes."""
         batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
         if not batch_samples:
             return batch_samples, None
+        generator = self._target_writer()
+        if generator is not None:
+            batch_samples = [self._generate_targets(generator, batch) for batch in batch_samples]
         count = sum(self._targets(batch).ne(IGNORE_INDEX).sum() for batch in batch_samples).to(device)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             count = self.accelerator.gather(count).sum()
         return batch_samples, count
+
+    def _target_writer(self) -> nn.Module | None:
+        """The model that writes this step's targets: the student with probability lmbda, else the teacher when
+        seq_kd is on, else none. The draw depends on the seed and step only, so every process makes the same."""
+        on_policy = random.Random(f"{self.args.seed}-{self.state.global_step}").random() < self.args.lmbda
+        if on_policy:
+            return self.accelerator.unwrap_model(self.model)
+        if self.args.seq_kd:
+            return self.accelerator.unwrap_model(self.teacher)
+        return None
+
+    def _generate_targets(self, generator: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
+        batch = self._prepare_inputs(batch)
+        if self.args.generation_temperature > 0:
+            sampling = {"do_sample": True, "temperature": self.args.generation_temperature, "top_k": 0, "top_p": 1.0}
+        else:
+            sampling = {"do_sample": False}
+        pad_id = getattr(self.processing_class, "pad_token_id", None)
+        if pad_id is None:
+            pad_id = generator.config.pad_token_id if generator.config.pad_token_id is not None else 0
+        write = generate_seq2seq_targets if self.is_encoder_decoder else generate_causal_targets
+        was_training = generator.training
+        generator.eval()
+        try:
+            with torch.no_grad(), self.compute_loss_context_manager():
+                return write(
+                    generator,
+                    batch,
+                    pad_id,
+                    max_new_tokens=self.args.max_new_tokens,
+                    synced_gpus=is_deepspeed_zero3_enabled(),
+                    **sampling,
+                )
+        finally:
+            generator.train(was_training)
 
     def compute_loss(
         self,
