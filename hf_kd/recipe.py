@@ -1,0 +1,349 @@
+"""Distillation recipes: a YAML config in, a distilled and saved student out (`hf-kd distill`, recipes/*.py).
+
+The steps are the ones of transformers' example scripts: parse the arguments, load the student and the
+data, tokenise, train with :class:`hf_kd.DistillationTrainer`, evaluate, save and write the model card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import textwrap
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    DataCollatorForLanguageModeling,
+    DataCollatorForSeq2Seq,
+    PretrainedConfig,
+    PreTrainedModel,
+    default_data_collator,
+)
+
+from hf_kd.config import DistillationConfig
+from hf_kd.recipe_args import (
+    STDLIB_DOCSTRINGS,
+    ConfigError,
+    DataArguments,
+    ModelArguments,
+    parse_recipe_config,
+    recipe_parser,
+)
+from hf_kd.recipe_data import check_columns, load_raw_datasets, select_splits, tokenize_causal, tokenize_seq2seq
+from hf_kd.teacher import TokenizerMismatchError
+from hf_kd.trainer import DistillationTrainer
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("seq2seq", "causal")
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(err).__name__
+
+
+def _load_config(key: str, name_or_path: str, trust_remote_code: bool, cache_dir: str | None) -> PretrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, cache_dir=cache_dir)
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"{key}={name_or_path!r} cannot be loaded: not a model directory here and not found on the Hub "
+            f"({_first_line(err)})"
+        ) from None
+
+
+def task_of(config: PretrainedConfig) -> str:
+    return "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal"
+
+
+def _student_config(
+    model_args: ModelArguments, args: DistillationConfig, cache_dir: str | None
+) -> tuple[str, str, PretrainedConfig]:
+    """(the key that names the student's source, the source, its config)."""
+    if model_args.student_model_name_or_path:
+        key, source = "student_model_name_or_path", model_args.student_model_name_or_path
+    elif model_args.student_config:
+        key, source = "student_config", model_args.student_config
+    elif args.teacher_model_name_or_path:
+        key, source = "teacher_model_name_or_path", args.teacher_model_name_or_path
+    else:
+        raise ConfigError("No student: set student_model_name_or_path or student_config.")
+    return key, source, _load_config(key, source, args.trust_remote_code, cache_dir)
+
+
+def load_student(model_args: ModelArguments, args: DistillationConfig, cache_dir: str | None = None) -> PreTrainedModel:
+    """The pretrained student, or a randomly initialised one from a config (the teacher's when none is named)."""
+    trust = args.trust_remote_code
+    key, source, config = _student_config(model_args, args, cache_dir)
+    auto = AutoModelForSeq2SeqLM if task_of(config) == "seq2seq" else AutoModelForCausalLM
+    dtype = model_args.dtype or "float32"
+    if model_args.student_model_name_or_path:
+        try:
+            return auto.from_pretrained(source, dtype=dtype, trust_remote_code=trust, cache_dir=cache_dir)
+        except OSError as err:
+            raise ConfigError(f"{key}={source!r}: cannot load the weights ({_first_line(err)})") from None
+    for name, value in (model_args.student_config_overrides or {}).items():
+        if not hasattr(config, name):
+            raise ConfigError(f"student_config_overrides: {name!r} is not a field of {type(config).__name__}.")
+        setattr(config, name, value)
+    logger.info("Building a randomly initialised student from %s with overrides %s", source, config)
+    return auto.from_config(config, trust_remote_code=trust, dtype=None if dtype == "auto" else dtype)
+
+
+def load_tokenizer(model_args: ModelArguments, args: DistillationConfig, cache_dir: str | None = None) -> Any:
+    """The named tokenizer, else the student's, else the teacher's."""
+    trust = args.trust_remote_code
+    candidates = [
+        ("tokenizer_name_or_path", model_args.tokenizer_name_or_path),
+        ("student_model_name_or_path", model_args.student_model_name_or_path),
+        ("teacher_model_name_or_path", args.teacher_model_name_or_path),
+    ]
+    candidates = [(k, v) for k, v in candidates if v]
+    if model_args.tokenizer_name_or_path:
+        candidates = candidates[:1]  # asked for by name: no silent fallback
+    errors = []
+    for key, name in candidates:
+        try:
+            return AutoTokenizer.from_pretrained(name, trust_remote_code=trust, cache_dir=cache_dir)
+        except (OSError, ValueError) as err:
+            errors.append(f"{key}={name!r}: {_first_line(err)}")
+    raise ConfigError("No tokenizer could be loaded: " + "; ".join(errors or ["none named"]))
+
+
+def _max_positions(*configs: PretrainedConfig) -> int | None:
+    limits = [
+        getattr(c, name)
+        for c in configs
+        for name in ("n_positions", "max_position_embeddings")
+        if isinstance(getattr(c, name, None), int)
+    ]
+    return min(limits) if limits else None
+
+
+def rouge_metrics(tokenizer: Any):  # noqa: ANN201
+    """compute_metrics for predict_with_generate: ROUGE F-measures (hf_kd.metrics) of the decoded outputs."""
+    from hf_kd.metrics import rouge
+
+    def compute(eval_pred: Any) -> dict[str, float]:
+        predictions, labels = eval_pred.predictions, eval_pred.label_ids
+        if isinstance(predictions, tuple):
+            predictions = predictions[0]
+        pad = tokenizer.pad_token_id
+        predictions = np.where(predictions < 0, pad, predictions)
+        labels = np.where(labels < 0, pad, labels)
+        decoded = tokenizer.batch_decode(predictions, skip_special_tokens=True)
+        references = tokenizer.batch_decode(labels, skip_special_tokens=True)
+        return rouge([p.strip() for p in decoded], [r.strip() for r in references])
+
+    return compute
+
+
+def prepare(
+    model_args: ModelArguments, data_args: DataArguments, args: DistillationConfig, task: str | None = None
+) -> dict[str, Any]:
+    """Everything the trainer takes: student, tokenizer, datasets, collator, compute_metrics; and the task.
+
+    ``task`` ("seq2seq" / "causal"), when given, must be what the models are (the recipe scripts pass it).
+    """
+    if args.teacher_model_name_or_path is None:
+        raise ConfigError("No teacher: set teacher_model_name_or_path.")
+    cache_dir = data_args.cache_dir
+    teacher_config = _load_config(
+        "teacher_model_name_or_path", args.teacher_model_name_or_path, args.trust_remote_code, cache_dir
+    )
+    # Cheap checks first (configs, data files, columns), so that a mistake costs no model loading.
+    key, source, student_config = _student_config(model_args, args, cache_dir)
+    found = task_of(student_config)
+    if task is not None and task != found:
+        script = {"seq2seq": "recipes/distill_seq2seq.py", "causal": "recipes/distill_causal.py"}[found]
+        raise ConfigError(f"{key}={source!r} is a {found} model but this recipe is for {task} models: use {script}.")
+    if task_of(teacher_config) != found:
+        raise ConfigError(
+            f"the student is {found} but teacher_model_name_or_path={args.teacher_model_name_or_path!r} is "
+            f"{task_of(teacher_config)}: distill between models of the same kind."
+        )
+    with args.main_process_first(desc="loading the data"):
+        raw = load_raw_datasets(data_args, found)
+    train, evaluation = select_splits(raw, data_args)
+    columns = (
+        {"source_column": data_args.source_column, "target_column": data_args.target_column}
+        if found == "seq2seq"
+        else {"text_column": data_args.text_column}
+    )
+    for split in (train, evaluation):
+        if split is not None:
+            check_columns(split, columns)
+
+    student = load_student(model_args, args, cache_dir)
+    tokenizer = load_tokenizer(model_args, args, cache_dir)
+    if found == "causal" and tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # GPT-2 has no pad token; padded labels are -100 anyway
+    with args.main_process_first(desc="tokenisation"):
+        if found == "seq2seq":
+            train = tokenize_seq2seq(train, tokenizer, data_args)
+            evaluation = tokenize_seq2seq(evaluation, tokenizer, data_args) if evaluation is not None else None
+            collator = DataCollatorForSeq2Seq(tokenizer, model=student, pad_to_multiple_of=8 if args.fp16 else None)
+        else:
+            limit = _max_positions(student.config, teacher_config)
+            train = tokenize_causal(train, tokenizer, data_args, limit)
+            evaluation = tokenize_causal(evaluation, tokenizer, data_args, limit) if evaluation is not None else None
+            collator = (
+                default_data_collator
+                if data_args.group_texts
+                else DataCollatorForLanguageModeling(tokenizer, mlm=False)
+            )
+    compute_metrics = rouge_metrics(tokenizer) if found == "seq2seq" and args.predict_with_generate else None
+    return {
+        "task": found,
+        "model": student,
+        "processing_class": tokenizer,
+        "train_dataset": train,
+        "eval_dataset": evaluation,
+        "data_collator": collator,
+        "compute_metrics": compute_metrics,
+    }
+
+
+def run_recipe(
+    model_args: ModelArguments, data_args: DataArguments, args: DistillationConfig, task: str | None = None
+) -> dict[str, float]:
+    """Distill, evaluate on the eval split (when there is one), save the student and its model card.
+
+    Returns the train metrics merged with the eval metrics.
+    """
+    parts = prepare(model_args, data_args, args, task)
+    parts.pop("task")
+    use_cache = getattr(parts["model"].config, "use_cache", None)
+    try:
+        trainer = DistillationTrainer(args=args, **parts)
+    except TokenizerMismatchError as err:  # the config pairs models that cannot be compared token by token
+        raise ConfigError(" ".join(str(err).split())) from None
+    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    if use_cache is not None:  # activation checkpointing turns the KV cache off; the saved student wants it on
+        trainer.model.config.use_cache = use_cache
+    metrics = dict(result.metrics)
+    metrics["train_samples"] = len(parts["train_dataset"])
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+    if parts["eval_dataset"] is not None:
+        eval_metrics = _final_eval_metrics(trainer) or trainer.evaluate()
+        eval_metrics["eval_samples"] = len(parts["eval_dataset"])
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        metrics.update(eval_metrics)
+    trainer.save_model()
+    on_hub = data_args.dataset_name not in (None, STDLIB_DOCSTRINGS)
+    trainer.create_model_card(  # the base model is left to the trainer: it names Hub checkpoints only
+        model_name=args.hub_model_id or None,
+        tasks="text2text-generation" if task_of(trainer.model.config) == "seq2seq" else "text-generation",
+        dataset=data_args.dataset_name or "local files",
+        dataset_tags=data_args.dataset_name if on_hub else None,
+        dataset_args=data_args.dataset_config_name if on_hub else None,
+    )
+    if args.push_to_hub:
+        trainer.push_to_hub()
+    return metrics
+
+
+def _final_eval_metrics(trainer: DistillationTrainer) -> dict[str, float] | None:
+    """The eval metrics the Trainer already logged at the last step (step-wise eval ends with one), if any."""
+    for entry in reversed(trainer.state.log_history):
+        if entry.get("step") != trainer.state.global_step:
+            break
+        if "eval_loss" in entry:
+            return {k: v for k, v in entry.items() if k.startswith("eval_") or k == "epoch"}
+    return None
+
+
+# ---- the command line --------------------------------------------------------------------------------------
+
+DESCRIPTION = (
+    "Distill a teacher into a student with the settings of a recipe config (YAML). Any key of the config can be "
+    "overridden on the command line with --key value (values are read as YAML: 2, 5e-5, true, null, "
+    "'{\"a\": 1}'). Keys: the student/data options of hf_kd.recipe_args plus every hf_kd.DistillationConfig / "
+    "Seq2SeqTrainingArguments field; see docs/recipes.md."
+)
+EPILOG = (
+    "examples:\n"
+    "  hf-kd distill --config recipes/configs/quickstart_stdlib_docstrings.yaml\n"
+    "  hf-kd distill --config recipes/configs/t5_large_to_t5_small_xsum.yaml --max_steps 100 --output_dir out\n"
+    "multi-GPU: accelerate launch --config_file recipes/accelerate/ddp.yaml recipes/distill_seq2seq.py CONFIG.yaml"
+)
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register `hf-kd distill` on the `hf-kd` subparsers."""
+    parser = subparsers.add_parser(
+        "distill",
+        help="distill a student with a recipe config (YAML) and --key value overrides",
+        usage="hf-kd distill [-h] --config FILE.yaml [--task {seq2seq,causal}] [--key value ...]",
+        description=textwrap.fill(DESCRIPTION, 100),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    parser.add_argument("--config", required=True, metavar="FILE.yaml", help="the recipe config")
+    parser.add_argument(
+        "--task",
+        choices=TASKS,
+        default=None,
+        help="refuse to run unless the models are of this kind (default: whatever the student is)",
+    )
+    parser.set_defaults(run=run, overrides=[])
+    _take_unknown_options_as_overrides(parser)
+    return parser
+
+
+def _take_unknown_options_as_overrides(parser: argparse.ArgumentParser) -> None:
+    """Keep the options argparse does not know as ``args.overrides`` instead of failing on them.
+
+    The overridable keys are the hundred-odd fields of the recipe dataclasses; they are checked (names and
+    types) by :func:`hf_kd.recipe_args.check_values`, which gives better errors than argparse would.
+    """
+    parse_known_args = parser.parse_known_args
+
+    def parse(args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None):  # noqa: ANN202
+        namespace, extras = parse_known_args(args, namespace)
+        namespace.overrides = list(namespace.overrides) + list(extras)
+        return namespace, []
+
+    parser.parse_known_args = parse  # type: ignore[method-assign]
+
+
+def run(args: argparse.Namespace) -> int:
+    """`hf-kd distill`: returns 0, or 2 after a one-line error naming the bad key, value or path."""
+    try:
+        model_args, data_args, training_args = parse_recipe_config(args.config, args.overrides)
+        metrics = run_recipe(model_args, data_args, training_args, task=getattr(args, "task", None))
+    except ConfigError as err:
+        print(f"hf-kd distill: error: {err}", file=sys.stderr)
+        return 2
+    logger.info("Distillation finished: %s", metrics)
+    print(f"Saved the student to {training_args.output_dir}")
+    return 0
+
+
+def main(task: str, argv: Sequence[str] | None = None) -> int:
+    """Entry point of recipes/distill_{seq2seq,causal}.py: ``script.py CONFIG.yaml [--key value ...]``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    script = f"distill_{task}.py"
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: {script} CONFIG.yaml [--key value ...]\n\n{DESCRIPTION}\n\nKeys:\n")
+        recipe_parser().print_help()
+        return 0
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    try:
+        model_args, data_args, training_args = parse_recipe_config(argv[0], argv[1:])
+        run_recipe(model_args, data_args, training_args, task=task)
+    except ConfigError as err:
+        print(f"{script}: error: {err}", file=sys.stderr)
+        return 2
+    return 0

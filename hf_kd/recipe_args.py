@@ -1,0 +1,348 @@
+"""The arguments of a distillation recipe and how a YAML config (plus `--key value` overrides) becomes them.
+
+A recipe config is one flat YAML mapping whose keys are the fields of :class:`ModelArguments`,
+:class:`DataArguments` and :class:`hf_kd.DistillationConfig` (every ``Seq2SeqTrainingArguments`` field).
+:func:`parse_recipe_config` checks every key and every value's type before anything is built, so a typo
+or a wrong type is a one-line :class:`ConfigError` naming it, not a traceback an hour into a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import HfArgumentParser
+
+from hf_kd.config import DistillationConfig
+
+STDLIB_DOCSTRINGS = "hf_kd/stdlib_docstrings"
+
+
+class ConfigError(ValueError):
+    """A recipe config (or the command line) names something that does not exist or has the wrong type."""
+
+
+@dataclass
+class ModelArguments:
+    """Which student to distill, and how to load it. The teacher is ``teacher_model_name_or_path``."""
+
+    student_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Hub id or local directory of a pretrained student (e.g. a distilbart checkpoint)."},
+    )
+    student_config: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub id, local directory or config.json of a config to build a randomly initialised student "
+            "from (used when student_model_name_or_path is not set). Without it, the teacher's config is used."
+        },
+    )
+    student_config_overrides: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": 'Fields changed on the from-scratch student\'s config, e.g. {"num_layers": 2} (a dict or a '
+            "JSON string)."
+        },
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Tokenizer to use; by default the student's, or the teacher's when the student has none."},
+    )
+    dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "dtype the student's weights are loaded in: float32 (default; keep it for mixed-precision "
+            "training with bf16/fp16), bfloat16, float16 or auto."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.student_config_overrides, str):
+            self.student_config_overrides = _json_field("student_config_overrides", self.student_config_overrides)
+        if self.dtype not in (None, "auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype={self.dtype!r}: use one of auto, float32, bfloat16, float16.")
+        if self.student_model_name_or_path and self.student_config:
+            raise ConfigError(
+                "Both student_model_name_or_path and student_config are set: give a pretrained student or a "
+                "config to build one from scratch, not both."
+            )
+
+
+@dataclass
+class DataArguments:
+    """Where the text comes from and how it becomes model inputs."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": f"Hub data set id (e.g. abisee/cnn_dailymail), or {STDLIB_DOCSTRINGS!r} for the offline "
+            "Python-standard-library docstring data set built by hf_kd.data."
+        },
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the Hub data set."})
+    data_files: dict[str, str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Local json/jsonl/csv/parquet/txt files instead of dataset_name: one path (used as the train "
+            'split) or a mapping split -> path, e.g. {"train": "train.json", "validation": "val.json"}.'
+        },
+    )
+    train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    eval_split: str | None = field(
+        default="validation",
+        metadata={"help": "Split to evaluate on; skipped when the data set has no such split. null disables it."},
+    )
+    source_column: str = field(default="article", metadata={"help": "Input text column (encoder-decoder)."})
+    target_column: str = field(default="highlights", metadata={"help": "Target text column (encoder-decoder)."})
+    text_column: str = field(default="text", metadata={"help": "Text column (causal language models)."})
+    source_prefix: str = field(
+        default="", metadata={"help": 'Prepended to every source text, e.g. "summarize: " for T5.'}
+    )
+    max_source_length: int = field(default=1024, metadata={"help": "Source tokens kept (encoder-decoder)."})
+    max_target_length: int = field(default=128, metadata={"help": "Target tokens kept (encoder-decoder)."})
+    block_size: int = field(
+        default=1024,
+        metadata={
+            "help": "Causal LMs: length of the training sequences. With group_texts the tokenised corpus is "
+            "concatenated and cut into blocks of this size; otherwise each text is truncated to it."
+        },
+    )
+    group_texts: bool = field(
+        default=True, metadata={"help": "Causal LMs: concatenate texts and cut them into block_size blocks."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only the first N evaluation rows."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenisation."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where data sets and models are cached."})
+
+    def __post_init__(self) -> None:
+        if self.dataset_name is None and self.data_files is None:
+            raise ConfigError("No data: set dataset_name (a Hub id or hf_kd/stdlib_docstrings) or data_files.")
+        if self.dataset_name is not None and self.data_files is not None:
+            raise ConfigError("Both dataset_name and data_files are set: use one source of data.")
+        for name in ("max_source_length", "max_target_length", "block_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be a positive number of tokens.")
+        for name in ("max_train_samples", "max_eval_samples"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be a positive number of rows or null.")
+
+
+RECIPE_DATACLASSES = (ModelArguments, DataArguments, DistillationConfig)
+
+
+def _json_field(name: str, text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{name}: {text!r} is not valid JSON ({err.msg}).") from None
+
+
+# ---- reading and checking ----------------------------------------------------------------------------------
+
+
+def field_types() -> dict[str, Any]:
+    """Every recipe key and its type annotation, resolved."""
+    types_: dict[str, Any] = {}
+    for cls in RECIPE_DATACLASSES:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.init:
+                types_[f.name] = hints[f.name]
+    return types_
+
+
+def field_choices() -> dict[str, list[Any]]:
+    """The keys whose field metadata lists the values allowed (``loss``, ``train_sampling_strategy`` ...)."""
+    return {
+        f.name: list(f.metadata["choices"])
+        for cls in RECIPE_DATACLASSES
+        for f in dataclasses.fields(cls)
+        if f.init and f.metadata.get("choices")
+    }
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return "one of " + ", ".join(repr(m.value) for m in tp)
+    if typing.get_origin(tp) is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        members = typing.get_args(tp)
+        if any(isinstance(m, type) and issubclass(m, enum.Enum) for m in members):
+            members = tuple(m for m in members if m is not str)  # `Enum | str` only takes the enum's values
+        return " or ".join(_type_name(a) for a in members)
+    if origin is not None:
+        return {list: "a list", dict: "a mapping"}.get(origin, str(tp))
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
+    """(whether ``value`` fits ``tp``, the value converted where YAML leaves it as a string, e.g. '5e-5')."""
+    if tp is Any:
+        return True, value
+    if tp is type(None):
+        return value is None, value
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        members = typing.get_args(tp)
+        enums = [m for m in members if isinstance(m, type) and issubclass(m, enum.Enum)]
+        if enums and isinstance(value, str):  # `Enum | str` fields: the str is for typing, not free text
+            return any(value in {m.value for m in e} for e in enums), value
+        for member in members:
+            ok, converted = _coerce(value, member)
+            if ok:
+                return True, converted
+        return False, value
+    if origin is typing.Literal:
+        return value in typing.get_args(tp), value
+    if origin is list:
+        (inner,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, str) and inner in (str, Any):  # `--report_to none` style single value
+            return True, value
+        if not isinstance(value, list):
+            return False, value
+        checked = [_coerce(v, inner) for v in value]
+        return all(ok for ok, _ in checked), [v for _, v in checked]
+    if origin is dict or tp is dict:
+        return isinstance(value, dict), value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 5e-5 (no dot) as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        return isinstance(value, int | float) and not isinstance(value, bool), value
+    if tp is str:
+        return isinstance(value, str), value
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return isinstance(value, tp) or value in {m.value for m in tp}, value
+    return True, value  # a type the YAML cannot express (GenerationConfig, ParallelismConfig ...): left to it
+
+
+def check_values(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """Check every key exists and every value has its field's type; returns the values, converted."""
+    known, choices = field_types(), field_choices()
+    checked = {}
+    for key, value in values.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{source}: unknown key {key!r}{hint}.")
+        ok, converted = _coerce(value, known[key])
+        if not ok:
+            raise ConfigError(
+                f"{source}: {key!r} must be {_type_name(known[key])}, got {value!r} ({type(value).__name__})."
+            )
+        if key in choices and converted is not None and converted not in choices[key]:
+            raise ConfigError(f"{source}: {key!r} must be one of {choices[key]}, got {value!r}.")
+        checked[key] = converted
+    return checked
+
+
+def parse_overrides(tokens: list[str]) -> dict[str, str]:
+    """``["--key", "value", "--flag", "--k=v"]`` -> ``{"key": "value", "flag": "true", "k": "v"}`` (still text)."""
+    texts: dict[str, str] = {}
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith("--") or len(token) == 2:
+            raise ConfigError(f"override {token!r}: expected --key value (or --key=value).")
+        key, eq, text = token[2:].partition("=")
+        if not eq:
+            if i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+                text = tokens[i + 1]
+                i += 1
+            else:
+                text = "true"  # a bare --flag
+        texts[key.replace("-", "_")] = text
+        i += 1
+    return texts
+
+
+def check_overrides(texts: dict[str, str]) -> dict[str, Any]:
+    """Command-line values read as YAML (``5e-5``, ``true``, ``null``, ``{a: 1}``), checked like a config's.
+
+    A text whose YAML reading does not fit its key is taken as the plain string when the key takes strings:
+    ``--source_prefix "summarize: "`` is a prefix, not a mapping.
+    """
+    values = {}
+    for key, text in texts.items():
+        try:
+            value = yaml.safe_load(text) if text != "" else ""
+        except yaml.YAMLError:
+            value = text
+        try:
+            values.update(check_values({key: value}, "command line"))
+        except ConfigError:
+            if value == text or key not in field_types():
+                raise
+            try:
+                values.update(check_values({key: text}, "command line"))
+            except ConfigError:
+                raise ConfigError(
+                    f"command line: {key!r} must be {_type_name(field_types()[key])}, got {text!r}."
+                ) from None
+    return values
+
+
+def load_yaml_config(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML file, or a :class:`ConfigError` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {str(path)!r}.")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}.") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe config is a mapping of key: value, got a {type(data).__name__}.")
+    return data
+
+
+def build_recipe_args(values: dict[str, Any]) -> tuple[ModelArguments, DataArguments, DistillationConfig]:
+    """The three argument objects from checked values; their own validation errors become ConfigErrors."""
+    try:
+        return recipe_parser().parse_dict(values)  # type: ignore[return-value]
+    except ConfigError:
+        raise
+    except (ValueError, TypeError, ImportError) as err:  # a dataclass's own __post_init__ check
+        raise ConfigError(" ".join(str(err).split())) from None
+
+
+def recipe_parser() -> HfArgumentParser:
+    """An HfArgumentParser over the three recipe dataclasses (its --help lists every key)."""
+    return HfArgumentParser(RECIPE_DATACLASSES)
+
+
+def parse_recipe_config(
+    path: str | Path | None, overrides: list[str] | dict[str, Any] | None = None
+) -> tuple[ModelArguments, DataArguments, DistillationConfig]:
+    """Read a recipe config, apply overrides (``--key value`` tokens or a dict) and build its arguments."""
+    values = check_values(load_yaml_config(path), str(path)) if path is not None else {}
+    if isinstance(overrides, dict):
+        values.update(check_values(overrides, "command line"))
+    elif overrides:
+        values.update(check_overrides(parse_overrides(list(overrides))))
+    return build_recipe_args(values)
