@@ -99,6 +99,37 @@ class DistillationConfig(Seq2SeqTrainingArguments):
         default=1.0,
         metadata={"help": "Sampling temperature of generated targets; 0 generates greedily."},
     )
+    cross_tokenizer: bool = field(
+        default=False,
+        metadata={
+            "help": "Distill across tokenizers: align teacher and student tokens by character offsets, compare "
+            "shared token strings by `loss` and the rest by ULD (docs/cross-tokenizer.md). Needs both tokenizers "
+            "and raw text columns (text_column, prompt_column)."
+        },
+    )
+    uld_weight: float = field(
+        default=1.0,
+        metadata={"help": "cross_tokenizer: weight of the ULD term on tokens without a counterpart; 0 drops it."},
+    )
+    teacher_prompt_template: str = field(
+        default="{source}\n",
+        metadata={"help": "cross_tokenizer: what the teacher reads before the target; {source} is the prompt."},
+    )
+    teacher_max_length: int | None = field(
+        default=None,
+        metadata={"help": "cross_tokenizer: truncate the teacher's prompt + target to this many tokens."},
+    )
+    text_column: str = field(
+        default="text",
+        metadata={"help": "cross_tokenizer: the dataset column with the text the student learns (the target)."},
+    )
+    prompt_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "cross_tokenizer: the column with the prompt (the source of an encoder-decoder student); "
+            "None for plain causal text."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

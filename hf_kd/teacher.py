@@ -78,9 +78,9 @@ def shared_vocab_size(
         raise TokenizerMismatchError(
             f"The student's tokenizer {_tokenizer_name(tokenizer)} ({len(tokenizer)} tokens) and the teacher's "
             f"{_tokenizer_name(teacher_tok)} ({len(teacher_tok)} tokens) map tokens to different ids, so their "
-            "token distributions cannot be compared. Use a student that shares the teacher's tokenizer, or "
-            "train the student on text the teacher generated (sequence-level KD); cross-tokenizer "
-            "distillation is not supported yet."
+            "token distributions cannot be compared id by id. Set cross_tokenizer=True in the "
+            "DistillationConfig (and text_column / prompt_column) to align them by text, or use a student "
+            "that shares the teacher's tokenizer."
         )
     if tokenizer is None:
         tokenizer = teacher_tok

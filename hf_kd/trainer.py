@@ -13,6 +13,8 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 
 from hf_kd.card import distillation_section, insert_section
 from hf_kd.config import DistillationConfig
+from hf_kd.cross_tokenizer import VocabularyMap
+from hf_kd.cross_trainer import check_cross_tokenizer, cross_tokenizer_step, make_collator, realign, student_inputs
 from hf_kd.generation import generate_causal_targets, generate_seq2seq_targets
 from hf_kd.losses import IGNORE_INDEX, DistillationLossOutput, distillation_loss
 from hf_kd.teacher import check_compatible, load_teacher, prepare_teacher, shared_vocab_size
@@ -76,11 +78,25 @@ class DistillationTrainer(Seq2SeqTrainer):
                 "The teacher is the student object itself: distilling a model into itself teaches nothing. "
                 "Pass a separate teacher (e.g. a larger model, or a frozen copy made with copy.deepcopy)."
             )
-        check_compatible(model, teacher_model)
+        is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+        if args.cross_tokenizer:
+            # A causal teacher may teach an encoder-decoder student: it reads the source as its prompt.
+            check_cross_tokenizer(model, teacher_model, processing_class, teacher_processing_class)
+            if args.seq_kd:
+                raise ValueError("seq_kd (the teacher writes targets) is not supported with cross_tokenizer.")
+            if kwargs.get("data_collator") is None:
+                kwargs["data_collator"] = make_collator(
+                    args, is_encoder_decoder, processing_class, teacher_processing_class
+                )
+        else:
+            check_compatible(model, teacher_model)
 
         super().__init__(model=model, args=args, processing_class=processing_class, **kwargs)
-        self.is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
-        self.vocab_size = shared_vocab_size(model, teacher_model, processing_class, teacher_processing_class)
+        self.is_encoder_decoder = is_encoder_decoder
+        if args.cross_tokenizer:
+            self.vocab_map = VocabularyMap.from_tokenizers(processing_class, teacher_processing_class)
+        else:
+            self.vocab_size = shared_vocab_size(model, teacher_model, processing_class, teacher_processing_class)
         # Have the Trainer count target tokens over accumulated micro-batches and pass num_items_in_batch.
         self.model_accepts_loss_kwargs = True
         self.teacher = prepare_teacher(teacher_model, args, self.accelerator)
@@ -99,6 +115,13 @@ class DistillationTrainer(Seq2SeqTrainer):
             return
         if "labels" not in batch:
             raise ValueError(_missing_labels_message(self.args.alpha))
+
+    def _set_signature_columns_if_needed(self) -> None:
+        """Keep the raw text columns the cross-tokenizer collator reads (the model's forward takes none of them)."""
+        super()._set_signature_columns_if_needed()
+        columns = getattr(self.data_collator, "columns", None) if self.args.cross_tokenizer else None
+        if columns:
+            self._signature_columns = list(dict.fromkeys([*self._signature_columns, *columns]))
 
     # ---- the loss -------------------------------------------------------------------------------------
 
@@ -122,6 +145,9 @@ class DistillationTrainer(Seq2SeqTrainer):
         generator = self._target_writer()
         if generator is not None:
             batch_samples = [self._generate_targets(generator, batch) for batch in batch_samples]
+            if self.args.cross_tokenizer:  # the student wrote new targets: tokenize them for the teacher too
+                aligner = self.data_collator.aligner
+                batch_samples = [realign(batch, aligner, self.is_encoder_decoder) for batch in batch_samples]
         count = sum(self._targets(batch).ne(IGNORE_INDEX).sum() for batch in batch_samples).to(device)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             count = self.accelerator.gather(count).sum()
@@ -169,6 +195,31 @@ class DistillationTrainer(Seq2SeqTrainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        if not model.training:
+            num_items_in_batch = None  # evaluation reports the per-batch mean
+        if self.args.cross_tokenizer:
+            result, outputs = cross_tokenizer_step(
+                model,
+                self.teacher,
+                inputs,
+                vocab_map=self.vocab_map,
+                args=self.args,
+                is_encoder_decoder=self.is_encoder_decoder,
+                num_items_in_batch=num_items_in_batch,
+            )
+        else:
+            result, outputs = self._same_tokenizer_loss(model, inputs, num_items_in_batch)
+        loss = result.loss
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            # DDP averages gradients over processes, but the normalizer already counts every process's tokens.
+            loss = loss * self.accelerator.num_processes
+
+        self._accumulate("train" if model.training else "eval", result)
+        return (loss, outputs) if return_outputs else loss
+
+    def _same_tokenizer_loss(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None
+    ) -> tuple[DistillationLossOutput, Any]:
         targets = self._targets(inputs)
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         if self.is_encoder_decoder and "decoder_input_ids" not in model_inputs:
@@ -184,8 +235,6 @@ class DistillationTrainer(Seq2SeqTrainer):
         if not self.is_encoder_decoder:
             student_logits, teacher_logits = student_logits[:, :-1], teacher_logits[:, :-1]
 
-        if not model.training:
-            num_items_in_batch = None  # evaluation reports the per-batch mean
         result = distillation_loss(
             student_logits,
             teacher_logits,
@@ -198,13 +247,7 @@ class DistillationTrainer(Seq2SeqTrainer):
             num_items_in_batch=num_items_in_batch,
             chunk_size=self.args.loss_chunk_size,
         )
-        loss = result.loss
-        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
-            # DDP averages gradients over processes, but the normalizer already counts every process's tokens.
-            loss = loss * self.accelerator.num_processes
-
-        self._accumulate("train" if model.training else "eval", result)
-        return (loss, outputs) if return_outputs else loss
+        return result, outputs
 
     # ---- evaluation -----------------------------------------------------------------------------------
 
@@ -222,7 +265,7 @@ class DistillationTrainer(Seq2SeqTrainer):
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, self._prepare_inputs(inputs)).detach()
         _, generated, labels = super().prediction_step(
-            model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs
+            model, student_inputs(inputs), prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs
         )
         return loss, generated, labels
 

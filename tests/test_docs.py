@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import itertools
+import json
 import os
 import re
 import subprocess
@@ -94,7 +95,7 @@ def test_config_table_lists_every_added_field_with_its_default():
     rows = dict(re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", (DOCS / "api.md").read_text(), re.MULTILINE))
     assert set(rows) == set(added)
     for field, default in added.items():
-        assert rows[field] == (f'"{default}"' if isinstance(default, str) else repr(default)), field
+        assert rows[field] == (json.dumps(default) if isinstance(default, str) else repr(default)), field
 
 
 def test_every_divergence_is_documented():
