@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 from hf_kd.config import DistillationConfig  # noqa: E402
 from hf_kd.losses import DIVERGENCES, distillation_loss  # noqa: E402
+from hf_kd.student import make_student  # noqa: E402
 from hf_kd.teacher import TokenizerMismatchError  # noqa: E402
 from hf_kd.trainer import DistillationTrainer  # noqa: E402
 
@@ -14,4 +15,5 @@ __all__ = [
     "TokenizerMismatchError",
     "__version__",
     "distillation_loss",
+    "make_student",
 ]

@@ -104,7 +104,7 @@ class DistillationConfig(Seq2SeqTrainingArguments):
         metadata={
             "help": "Distill across tokenizers: align teacher and student tokens by character offsets, compare "
             "shared token strings by `loss` and the rest by ULD (docs/cross-tokenizer.md). Needs both tokenizers "
-            "and raw text columns (text_column, prompt_column)."
+            "and raw text columns (cross_tokenizer_text_column, cross_tokenizer_prompt_column)."
         },
     )
     uld_weight: float = field(
@@ -119,11 +119,11 @@ class DistillationConfig(Seq2SeqTrainingArguments):
         default=None,
         metadata={"help": "cross_tokenizer: truncate the teacher's prompt + target to this many tokens."},
     )
-    text_column: str = field(
+    cross_tokenizer_text_column: str = field(
         default="text",
         metadata={"help": "cross_tokenizer: the dataset column with the text the student learns (the target)."},
     )
-    prompt_column: str | None = field(
+    cross_tokenizer_prompt_column: str | None = field(
         default=None,
         metadata={
             "help": "cross_tokenizer: the column with the prompt (the source of an encoder-decoder student); "

@@ -1,8 +1,9 @@
 """The trainer's side of cross-tokenizer distillation: checks, the collator, one loss computation, re-alignment.
 
 :class:`hf_kd.DistillationTrainer` calls these when ``args.cross_tokenizer`` is on; they read the config's fields
-with ``getattr`` defaults (``uld_weight``, ``teacher_prompt_template``, ``teacher_max_length``, ``text_column``,
-``prompt_column``), so they are usable on their own too. See ``docs/cross-tokenizer.md``.
+with ``getattr`` defaults (``uld_weight``, ``teacher_prompt_template``, ``teacher_max_length``,
+``cross_tokenizer_text_column``, ``cross_tokenizer_prompt_column``), so they are usable on their own too. See
+``docs/cross-tokenizer.md``.
 """
 
 from __future__ import annotations
@@ -45,11 +46,11 @@ def make_collator(
         max_length=getattr(args, "max_length", None),
         teacher_max_length=getattr(args, "teacher_max_length", None),
     )
-    text_column = getattr(args, "text_column", "text")
-    prompt_column = getattr(args, "prompt_column", None)
+    text_column = getattr(args, "cross_tokenizer_text_column", "text")
+    prompt_column = getattr(args, "cross_tokenizer_prompt_column", None)
     if is_encoder_decoder:
         if prompt_column is None:
-            raise ValueError("An encoder-decoder student needs prompt_column (its source text) with cross_tokenizer.")
+            raise ValueError("An encoder-decoder student needs cross_tokenizer_prompt_column (its source text column).")
         return CrossTokenizerCollator(aligner, source_column=prompt_column, target_column=text_column)
     return CrossTokenizerCollator(aligner, text_column=text_column, prompt_column=prompt_column)
 

@@ -79,7 +79,8 @@ def shared_vocab_size(
             f"The student's tokenizer {_tokenizer_name(tokenizer)} ({len(tokenizer)} tokens) and the teacher's "
             f"{_tokenizer_name(teacher_tok)} ({len(teacher_tok)} tokens) map tokens to different ids, so their "
             "token distributions cannot be compared id by id. Set cross_tokenizer=True in the "
-            "DistillationConfig (and text_column / prompt_column) to align them by text, or use a student "
+            "DistillationConfig (with cross_tokenizer_text_column / cross_tokenizer_prompt_column) to align them by "
+            "text, or use a student "
             "that shares the teacher's tokenizer."
         )
     if tokenizer is None:

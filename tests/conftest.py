@@ -12,6 +12,7 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+
 # The models here are tiny: one thread is faster than two fighting over small tensors, and steadier.
 torch.set_num_threads(1)
 

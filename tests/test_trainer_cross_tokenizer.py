@@ -20,7 +20,8 @@ def _teacher():
 
 def _args(tmp_path, **kwargs):
     defaults = dict(
-        output_dir=str(tmp_path), cross_tokenizer=True, prompt_column="source", text_column="target",
+        output_dir=str(tmp_path), cross_tokenizer=True, cross_tokenizer_prompt_column="source",
+        cross_tokenizer_text_column="target",
         learning_rate=3e-3, per_device_train_batch_size=8, logging_steps=5, report_to=[], save_strategy="no",
         teacher_max_length=64, use_cpu=True,
     )  # fmt: skip

@@ -1,0 +1,308 @@
+"""make_student: a shallower copy of the teacher, DistilBART style (keep some layers, copy every other weight)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+# What a student made here records in its config, and the file saved beside it.
+CONFIG_ATTRIBUTE = "hf_kd_layer_map"
+RECORD_FILE = "hf_kd_student.json"
+
+# DistilBART's published choices (transformers' seq2seq-distillation example, LAYERS_TO_COPY):
+# teacher layers -> student layers -> which teacher layers to copy. Other sizes are spread evenly.
+PUBLISHED_MAPS: dict[int, dict[int, list[int]]] = {
+    12: {
+        1: [0],
+        2: [0, 6],
+        3: [0, 6, 11],
+        4: [0, 4, 8, 11],
+        6: [0, 2, 4, 7, 9, 11],
+        9: [0, 1, 2, 4, 5, 7, 9, 10, 11],
+    },
+    16: {
+        1: [0],
+        2: [0, 15],
+        3: [0, 8, 15],
+        4: [0, 5, 10, 15],
+        6: [0, 3, 6, 9, 12, 15],
+        8: [0, 2, 4, 6, 8, 10, 12, 15],
+        9: [0, 1, 3, 5, 7, 9, 11, 13, 15],
+        12: [0, 1, 2, 3, 4, 5, 6, 7, 9, 11, 13, 15],
+    },
+    6: {1: [0], 2: [0, 5], 3: [0, 2, 5], 4: [0, 1, 3, 5]},
+}
+
+
+@dataclass(frozen=True)
+class Stack:
+    """One stack of layers: where its ModuleList lives in the state dict and which config field counts it."""
+
+    prefix: str
+    count_attribute: str
+
+
+_SEQ2SEQ_BART = {
+    "encoder": Stack("model.encoder.layers", "encoder_layers"),
+    "decoder": Stack("model.decoder.layers", "decoder_layers"),
+}
+_SEQ2SEQ_T5 = {"encoder": Stack("encoder.block", "num_layers"), "decoder": Stack("decoder.block", "num_decoder_layers")}
+_LLAMA_LIKE = {"decoder": Stack("model.layers", "num_hidden_layers")}
+
+# model_type -> its stacks. Causal models have a single stack, called "decoder".
+FAMILIES: dict[str, dict[str, Stack]] = {
+    "bart": _SEQ2SEQ_BART,
+    "t5": _SEQ2SEQ_T5,
+    "mt5": _SEQ2SEQ_T5,
+    "gpt2": {"decoder": Stack("transformer.h", "n_layer")},
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+}
+
+
+def stacks_of(config: Any) -> dict[str, Stack]:
+    """The layer stacks of a supported architecture; a ValueError naming the supported ones otherwise."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"make_student does not support model_type={model_type!r}. Supported: {sorted(FAMILIES)}. For another "
+            "architecture build the student yourself (e.g. AutoModel.from_config with fewer layers) and copy the "
+            "weights you want."
+        )
+    return FAMILIES[model_type]
+
+
+def default_layers(teacher_layers: int, student_layers: int) -> list[int]:
+    """Which teacher layers a student of ``student_layers`` copies by default.
+
+    DistilBART's published map when there is one (12, 16 or 6 teacher layers); otherwise evenly spread, always
+    keeping the first and the last layer (``round_half_up(i * (n - 1) / (k - 1))``, which gives the published
+    12 -> 6 and 12 -> 3 maps too).
+    """
+    _check_count(student_layers, teacher_layers, "student layers")
+    if student_layers == teacher_layers:
+        return list(range(teacher_layers))
+    published = PUBLISHED_MAPS.get(teacher_layers, {}).get(student_layers)
+    if published is not None:
+        return list(published)
+    if student_layers == 1:
+        return [0]
+    step = (teacher_layers - 1) / (student_layers - 1)
+    return [int(i * step + 0.5) for i in range(student_layers)]
+
+
+def _check_count(count: Any, teacher_layers: int, what: str) -> None:
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= teacher_layers:
+        raise ValueError(
+            f"{what}={count!r}: a student needs between 1 and {teacher_layers} layers here (the teacher's count); "
+            "copying cannot make a deeper model. Pass a smaller number."
+        )
+
+
+def check_layer_map(layers: Any, teacher_layers: int, stack: str) -> list[int]:
+    """A validated list of teacher layer indices: ints in range, increasing, not more than the teacher has."""
+    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+        raise ValueError(
+            f"The {stack} layer map must be a list of teacher layer indices, e.g. [0, 6, 11]; got {layers!r}."
+        )
+    layers = list(layers)
+    if not layers:
+        raise ValueError(f"The {stack} layer map is empty: a student needs at least one layer, e.g. [0].")
+    for index in layers:
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < teacher_layers:
+            raise ValueError(
+                f"The {stack} layer map {layers} names layer {index!r}, but the teacher's {stack} has layers "
+                f"0..{teacher_layers - 1}. Use indices in that range."
+            )
+    if len(layers) > teacher_layers:
+        raise ValueError(
+            f"The {stack} layer map {layers} has {len(layers)} layers, more than the teacher's {teacher_layers}. "
+            "A student copies each teacher layer at most once."
+        )
+    if any(b <= a for a, b in zip(layers, layers[1:], strict=False)):
+        raise ValueError(
+            f"The {stack} layer map {layers} repeats a layer or is out of order: list distinct teacher layers in "
+            f"increasing order, e.g. {sorted(set(layers))}."
+        )
+    return layers
+
+
+def resolve_layer_map(
+    config: Any,
+    encoder_layers: int | None = None,
+    decoder_layers: int | None = None,
+    layer_map: dict[str, list[int]] | list[int] | None = None,
+) -> dict[str, list[int]]:
+    """The teacher layers each stack of the student copies, from counts or an explicit map (validated).
+
+    ``layer_map`` is ``{"encoder": [...], "decoder": [...]}`` (a causal model has only ``"decoder"``; a plain list
+    is taken as its decoder map). A stack neither counted nor mapped keeps all its layers.
+    """
+    stacks = stacks_of(config)
+    counts = {"encoder": encoder_layers, "decoder": decoder_layers}
+    if "encoder" not in stacks and encoder_layers is not None:
+        raise ValueError(
+            f"encoder_layers={encoder_layers} but a {config.model_type} model has no encoder: use decoder_layers "
+            "for the number of layers of a causal model."
+        )
+    if isinstance(layer_map, (list, tuple)):
+        if "encoder" in stacks:
+            raise ValueError(
+                'An encoder-decoder teacher needs a layer map per stack: {"encoder": [...], "decoder": [...]}.'
+            )
+        layer_map = {"decoder": list(layer_map)}
+    layer_map = dict(layer_map or {})
+    unknown = set(layer_map) - set(stacks)
+    if unknown:
+        raise ValueError(
+            f"Unknown stack(s) {sorted(unknown)} in the layer map: a {config.model_type} model has {sorted(stacks)}."
+        )
+    resolved = {}
+    for name, stack in stacks.items():
+        teacher_count = int(getattr(config, stack.count_attribute))
+        if name in layer_map:
+            resolved[name] = check_layer_map(layer_map[name], teacher_count, name)
+            if counts[name] is not None and counts[name] != len(resolved[name]):
+                raise ValueError(
+                    f"{name}_layers={counts[name]} disagrees with the {name} layer map {resolved[name]} "
+                    f"({len(resolved[name])} layers): give one or the other."
+                )
+        elif counts[name] is not None:
+            resolved[name] = default_layers(teacher_count, counts[name])
+        else:
+            resolved[name] = list(range(teacher_count))
+    return resolved
+
+
+def student_config(teacher_config: Any, layer_map: dict[str, list[int]]) -> Any:
+    """The teacher's config with the student's layer counts, per-layer lists and the map recorded."""
+    config = copy.deepcopy(teacher_config)
+    stacks = stacks_of(config)
+    for name, layers in layer_map.items():
+        setattr(config, stacks[name].count_attribute, len(layers))
+    # Per-layer settings (e.g. Qwen2's sliding vs full attention) follow the layer they were copied from.
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, list) and "encoder" not in stacks:
+        config.layer_types = [layer_types[i] for i in layer_map["decoder"]]
+    setattr(config, CONFIG_ATTRIBUTE, {name: list(layers) for name, layers in layer_map.items()})
+    return config
+
+
+def map_state_dict(
+    teacher_state: dict[str, torch.Tensor],
+    student_keys: list[str],
+    stacks: dict[str, Stack],
+    layer_map: dict[str, list[int]],
+) -> dict[str, torch.Tensor]:
+    """The student's state dict taken from the teacher's: layer ``i`` of a stack from teacher layer ``map[i]``.
+
+    A parameter the copied teacher layer lacks but teacher layer 0 has (T5's relative attention bias, which lives
+    in the first block of each stack) comes from layer 0, so the student's first block always has it.
+    """
+    patterns = [
+        (re.compile(rf"^{re.escape(s.prefix)}\.(\d+)\.(.+)$"), s.prefix, layer_map[n]) for n, s in stacks.items()
+    ]
+    mapped = {}
+    for key in student_keys:
+        source = key
+        for pattern, prefix, layers in patterns:
+            match = pattern.match(key)
+            if match:
+                index, rest = int(match.group(1)), match.group(2)
+                source = f"{prefix}.{layers[index]}.{rest}"
+                if source not in teacher_state and f"{prefix}.0.{rest}" in teacher_state:
+                    source = f"{prefix}.0.{rest}"
+                break
+        if source not in teacher_state:
+            raise KeyError(f"The student's weight {key!r} has no counterpart {source!r} in the teacher.")
+        mapped[key] = teacher_state[source]
+    return mapped
+
+
+def make_student(
+    teacher: PreTrainedModel | str,
+    encoder_layers: int | None = None,
+    decoder_layers: int | None = None,
+    layer_map: dict[str, list[int]] | list[int] | None = None,
+    output_dir: str | os.PathLike | None = None,
+    tokenizer: Any = None,
+) -> PreTrainedModel:
+    """A smaller student of the teacher's architecture, initialised from the teacher's weights.
+
+    The student has the teacher's config with fewer layers; it gets the teacher's embeddings, the chosen layers
+    (default: :func:`default_layers`) and every other weight (final layer norms, an untied ``lm_head``, BART's
+    ``final_logits_bias``, T5's relative attention bias). The map is recorded in ``config.hf_kd_layer_map``.
+
+    Args:
+        teacher: a model, or a local path / Hub id loaded with the Auto class that fits its config.
+        encoder_layers: how many encoder layers the student keeps (encoder-decoder models only).
+        decoder_layers: how many decoder layers the student keeps (the layer count of a causal model).
+        layer_map: explicit teacher layer indices per stack, ``{"encoder": [0, 6, 11], "decoder": [0, 11]}``, or
+            a list for a causal model; overrides the default spread.
+        output_dir: when given, the student is saved there (see :func:`save_student`).
+        tokenizer: saved with the student; when ``teacher`` is a path with a tokenizer, that one is used.
+
+    Returns:
+        The student, in eval mode as ``from_pretrained`` would give it.
+
+    Example:
+        >>> student = make_student("facebook/bart-large-cnn", encoder_layers=12, decoder_layers=6)  # doctest: +SKIP
+    """
+    if isinstance(teacher, (str, os.PathLike)):
+        teacher_name = str(teacher)
+        from hf_kd.teacher import load_teacher
+
+        teacher, loaded_tokenizer = load_teacher(str(teacher), None)
+        tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
+    else:
+        teacher_name = getattr(teacher.config, "_name_or_path", "") or ""
+    stacks = stacks_of(teacher.config)
+    resolved = resolve_layer_map(teacher.config, encoder_layers, decoder_layers, layer_map)
+    config = student_config(teacher.config, resolved)
+    student = type(teacher)._from_config(config, dtype=teacher.dtype)
+    state = map_state_dict(teacher.state_dict(), list(student.state_dict()), stacks, resolved)
+    student.load_state_dict(state, strict=True)
+    student.tie_weights()
+    if getattr(teacher, "generation_config", None) is not None:
+        # Beam size, length penalty, forced tokens...: the teacher's way of generating suits its copy too.
+        student.generation_config = copy.deepcopy(teacher.generation_config)
+    student.eval()
+    student.hf_kd_teacher_name = teacher_name
+    if output_dir is not None:
+        save_student(student, output_dir, tokenizer=tokenizer, teacher_name=teacher_name, teacher_config=teacher.config)
+    return student
+
+
+def save_student(
+    student: PreTrainedModel,
+    output_dir: str | os.PathLike,
+    tokenizer: Any = None,
+    teacher_name: str | None = None,
+    teacher_config: Any = None,
+) -> None:
+    """Save a student from :func:`make_student` with its tokenizer and ``hf_kd_student.json`` (the layer map)."""
+    os.makedirs(output_dir, exist_ok=True)
+    student.save_pretrained(output_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(output_dir)
+    layer_map = getattr(student.config, CONFIG_ATTRIBUTE, None)
+    stacks = stacks_of(student.config)
+    record = {
+        "teacher": teacher_name if teacher_name is not None else getattr(student, "hf_kd_teacher_name", None),
+        "model_type": student.config.model_type,
+        "layer_map": layer_map,
+        "student_layers": {n: int(getattr(student.config, s.count_attribute)) for n, s in stacks.items()},
+    }
+    if teacher_config is not None:
+        record["teacher_layers"] = {n: int(getattr(teacher_config, s.count_attribute)) for n, s in stacks.items()}
+    with open(os.path.join(output_dir, RECORD_FILE), "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2)
+        f.write("\n")

@@ -1,0 +1,97 @@
+"""``hf-kd make-student``: save a shallower copy of a teacher, ready to distill."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from hf_kd.student import make_student
+
+
+def _layer_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of layer indices, e.g. 0,6,11."
+        ) from None
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``hf-kd make-student`` on an argparse subparsers object."""
+    parser = subparsers.add_parser(
+        "make-student",
+        help="Make a student by copying some of the teacher's layers (DistilBART style).",
+        description=(
+            "Copy the teacher's embeddings, the chosen layers and every other weight into a model of the same "
+            "architecture with fewer layers, and save it with the tokenizer and hf_kd_student.json (the layer "
+            "map). Default layers: DistilBART's published maps for 6-, 12- and 16-layer teachers, else evenly "
+            "spread keeping the first and the last. Supports BART, T5/mT5/Flan-T5, GPT-2, Llama, Mistral, Qwen2."
+        ),
+    )
+    parser.add_argument("teacher", help="Local directory or Hub id of the teacher.")
+    parser.add_argument("output_dir", help="Where to save the student.")
+    parser.add_argument(
+        "--encoder-layers", type=int, default=None, metavar="N", help="Encoder layers to keep (seq2seq only)."
+    )
+    parser.add_argument(
+        "--decoder-layers",
+        "--layers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="Decoder layers to keep (all layers of a causal LM).",
+    )
+    parser.add_argument(
+        "--encoder-map",
+        type=_layer_list,
+        default=None,
+        metavar="LAYERS",
+        help="Teacher encoder layers to copy, e.g. 0,6,11.",
+    )
+    parser.add_argument(
+        "--decoder-map",
+        "--layer-map",
+        type=_layer_list,
+        default=None,
+        metavar="LAYERS",
+        help="Teacher decoder layers to copy, e.g. 0,11.",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="PATH",
+        help="Tokenizer to save with the student (default: the teacher's, if it has one).",
+    )
+    parser.set_defaults(run=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Make and save the student; print its layer map. Returns the exit status."""
+    layer_map = {}
+    if args.encoder_map is not None:
+        layer_map["encoder"] = args.encoder_map
+    if args.decoder_map is not None:
+        layer_map["decoder"] = args.decoder_map
+    tokenizer = None
+    if args.tokenizer is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    try:
+        student = make_student(
+            args.teacher,
+            encoder_layers=args.encoder_layers,
+            decoder_layers=args.decoder_layers,
+            layer_map=layer_map or None,
+            output_dir=args.output_dir,
+            tokenizer=tokenizer,
+        )
+    except (OSError, ValueError) as error:  # a bad map, an unsupported model, a teacher that cannot be loaded
+        print(f"hf-kd make-student: error: {error}", file=sys.stderr)
+        return 2
+    layers = ", ".join(f"{name} {layers}" for name, layers in student.config.hf_kd_layer_map.items())
+    print(f"Saved a {student.num_parameters():,}-parameter student to {args.output_dir} (teacher layers: {layers}).")
+    return 0
