@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import Seq2SeqTrainingArguments
 
+from hf_kd.hidden import HIDDEN_LOSSES
 from hf_kd.losses import DIVERGENCES
 
 
@@ -131,12 +133,44 @@ class DistillationConfig(Seq2SeqTrainingArguments):
         },
     )
 
+    hidden_state_loss_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the hidden-state loss added to the training loss (docs/students.md); 0 turns it "
+            "off. Both models then return every layer's hidden states, which costs activation memory."
+        },
+    )
+    hidden_state_loss: str = field(
+        default="mse",
+        metadata={
+            "help": "Distance between paired hidden states: 'mse' (mean squared difference) or 'cosine' "
+            "(1 - cosine similarity).",
+            "choices": list(HIDDEN_LOSSES),
+        },
+    )
+    hidden_state_layer_map: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Pairs of hidden-state indices (0 = embeddings, k = output of layer k) per stack, e.g. "
+            '{"encoder": [[3, 6], [6, 12]], "decoder": [[1, 4], [2, 12]]}, as a dict or a JSON string. Default: '
+            "each layer of a make_student student to the teacher layer it was copied from, else evenly spaced."
+        },
+    )
+    hidden_state_normalize: bool = field(
+        default=False,
+        metadata={"help": "Layer-normalize both hidden states (no learned parameters) before comparing them."},
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if isinstance(self.teacher_model_init_kwargs, str):
-            import json
-
             self.teacher_model_init_kwargs = json.loads(self.teacher_model_init_kwargs)
+        if isinstance(self.hidden_state_layer_map, str):
+            self.hidden_state_layer_map = json.loads(self.hidden_state_layer_map)
+        if not self.hidden_state_loss_weight >= 0.0:
+            raise ValueError(f"hidden_state_loss_weight={self.hidden_state_loss_weight} must be >= 0 (0 turns it off).")
+        if self.hidden_state_loss not in HIDDEN_LOSSES:
+            raise ValueError(f"hidden_state_loss={self.hidden_state_loss!r}: use one of {list(HIDDEN_LOSSES)}.")
         if self.loss not in DIVERGENCES:
             raise ValueError(f"loss={self.loss!r} is not a known divergence: use one of {sorted(DIVERGENCES)}.")
         if not self.temperature > 0:

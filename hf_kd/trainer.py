@@ -7,6 +7,7 @@ import random
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from transformers import PreTrainedModel, Seq2SeqTrainer
 from transformers.integrations import is_deepspeed_zero3_enabled
@@ -16,8 +17,13 @@ from hf_kd.config import DistillationConfig
 from hf_kd.cross_tokenizer import VocabularyMap
 from hf_kd.cross_trainer import check_cross_tokenizer, cross_tokenizer_step, make_collator, realign, student_inputs
 from hf_kd.generation import generate_causal_targets, generate_seq2seq_targets
+from hf_kd.hidden import PROJECTION_FILE, HiddenStateDistiller
 from hf_kd.losses import IGNORE_INDEX, DistillationLossOutput, distillation_loss
 from hf_kd.teacher import check_compatible, load_teacher, prepare_teacher, shared_vocab_size
+
+# What _accumulate sums between two logs, per mode: divergence, cross-entropy and top-1 agreement over target
+# tokens, the target tokens, and the hidden-state loss over the batches that had one.
+_SUMS = ("kd", "ce", "tokens", "agreement", "hidden", "hidden_batches")
 
 
 class DistillationTrainer(Seq2SeqTrainer):
@@ -99,8 +105,9 @@ class DistillationTrainer(Seq2SeqTrainer):
             self.vocab_size = shared_vocab_size(model, teacher_model, processing_class, teacher_processing_class)
         # Have the Trainer count target tokens over accumulated micro-batches and pass num_items_in_batch.
         self.model_accepts_loss_kwargs = True
+        self.hidden_distiller = self._make_hidden_distiller(model, teacher_model)
         self.teacher = prepare_teacher(teacher_model, args, self.accelerator)
-        self._kd_sums = {"train": torch.zeros(4, dtype=self._sum_dtype), "eval": torch.zeros(4, dtype=self._sum_dtype)}
+        self._kd_sums = {mode: torch.zeros(len(_SUMS), dtype=self._sum_dtype) for mode in ("train", "eval")}
         self._check_labels_present()
 
     # ---- construction checks --------------------------------------------------------------------------
@@ -115,6 +122,28 @@ class DistillationTrainer(Seq2SeqTrainer):
             return
         if "labels" not in batch:
             raise ValueError(_missing_labels_message(self.args.alpha))
+
+    def _make_hidden_distiller(self, student: nn.Module, teacher: nn.Module) -> HiddenStateDistiller | None:
+        """The hidden-state term's layer pairs and projections, when hidden_state_loss_weight > 0."""
+        if self.args.hidden_state_loss_weight == 0.0:
+            return None
+        if self.args.cross_tokenizer:
+            raise ValueError(
+                "hidden_state_loss_weight > 0 needs shared positions: it cannot be used with cross_tokenizer."
+            )
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise ValueError(
+                "hidden_state_loss_weight > 0 is not supported with DeepSpeed or FSDP yet: its projection is trained "
+                "outside the wrapped model. Use DDP or a single device, or set it to 0."
+            )
+        distiller = HiddenStateDistiller(
+            student.config,
+            teacher.config,
+            layer_map=self.args.hidden_state_layer_map,
+            loss=self.args.hidden_state_loss,
+            normalize=self.args.hidden_state_normalize,
+        )
+        return distiller.to(self.args.device)
 
     def _set_signature_columns_if_needed(self) -> None:
         """Keep the raw text columns the cross-tokenizer collator reads (the model's forward takes none of them)."""
@@ -207,29 +236,45 @@ class DistillationTrainer(Seq2SeqTrainer):
                 is_encoder_decoder=self.is_encoder_decoder,
                 num_items_in_batch=num_items_in_batch,
             )
+            hidden = None
         else:
-            result, outputs = self._same_tokenizer_loss(model, inputs, num_items_in_batch)
+            result, outputs, hidden = self._same_tokenizer_loss(model, inputs, num_items_in_batch)
         loss = result.loss
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             # DDP averages gradients over processes, but the normalizer already counts every process's tokens.
             loss = loss * self.accelerator.num_processes
+        if hidden is not None:
+            # A per-micro-batch mean: averaged over accumulation here and over processes by DDP.
+            scale = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + self.args.hidden_state_loss_weight * hidden / scale
 
-        self._accumulate("train" if model.training else "eval", result)
+        self._accumulate("train" if model.training else "eval", result, hidden)
         return (loss, outputs) if return_outputs else loss
 
     def _same_tokenizer_loss(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None
-    ) -> tuple[DistillationLossOutput, Any]:
+    ) -> tuple[DistillationLossOutput, Any, torch.Tensor | None]:
+        """The token-level loss, the student's outputs and, in training with hidden_state_loss_weight > 0, the
+        hidden-state loss."""
         targets = self._targets(inputs)
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         if self.is_encoder_decoder and "decoder_input_ids" not in model_inputs:
             student = self.accelerator.unwrap_model(model)
             model_inputs["decoder_input_ids"] = student.prepare_decoder_input_ids_from_labels(labels=targets)
         model_inputs["use_cache"] = False
+        # Training only: in evaluation the Trainer would collect the hidden-state tuples as predictions.
+        with_hidden = self.hidden_distiller is not None and model.training
+        if with_hidden:
+            model_inputs["output_hidden_states"] = True
 
         outputs = model(**model_inputs)
         with torch.no_grad():
-            teacher_logits = self.teacher(**model_inputs).logits
+            teacher_outputs = self.teacher(**model_inputs)
+        hidden = None
+        if with_hidden:
+            # `inputs`, not model_inputs: a seq2seq batch's decoder mask comes from its labels.
+            hidden = self.hidden_distiller.loss_from_outputs(outputs, teacher_outputs, inputs, self.is_encoder_decoder)
+        teacher_logits = teacher_outputs.logits
         student_logits = outputs.logits[..., : self.vocab_size]
         teacher_logits = teacher_logits[..., : self.vocab_size]
         if not self.is_encoder_decoder:
@@ -247,7 +292,48 @@ class DistillationTrainer(Seq2SeqTrainer):
             num_items_in_batch=num_items_in_batch,
             chunk_size=self.args.loss_chunk_size,
         )
-        return result, outputs
+        return result, outputs, hidden
+
+    # ---- the hidden-state projection: optimized, synchronized and saved beside the student -------------
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        passed_in = self.optimizer is not None
+        optimizer = super().create_optimizer() if model is None else super().create_optimizer(model)
+        params = list(self.hidden_distiller.parameters()) if self.hidden_distiller is not None else []
+        known = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if params and not all(id(p) in known for p in params):
+            if passed_in:
+                raise ValueError(
+                    "hidden_state_loss_weight > 0 learns a projection, but the optimizer passed in optimizers= does "
+                    "not hold its parameters: add trainer.hidden_distiller.parameters() to it, or let the trainer "
+                    "create the optimizer."
+                )
+            # No weight decay: decaying a width adapter only shrinks the student's matched states.
+            optimizer.add_param_group({"params": params, "weight_decay": 0.0})
+        return optimizer
+
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.hidden_distiller is not None and self.args.world_size > 1:
+            # The projection lives outside the DDP-wrapped student, so its gradients are averaged here.
+            for param in self.hidden_distiller.parameters():
+                if param.grad is not None:
+                    torch.distributed.all_reduce(param.grad)
+                    param.grad /= self.args.world_size
+        return loss
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict)
+        if self.hidden_distiller is not None:
+            self.hidden_distiller.save_pretrained(output_dir if output_dir is not None else self.args.output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, PROJECTION_FILE)
+        if self.hidden_distiller is not None and os.path.isfile(path):
+            self.hidden_distiller.load_state_dict(load_file(path))
 
     # ---- evaluation -----------------------------------------------------------------------------------
 
@@ -288,12 +374,14 @@ class DistillationTrainer(Seq2SeqTrainer):
     def _sum_dtype(self) -> torch.dtype:
         return torch.float32 if self.args.device.type == "mps" else torch.float64  # MPS has no float64
 
-    def _accumulate(self, mode: str, result: DistillationLossOutput) -> None:
-        """Add a batch's divergence, CE, target-token and agreement sums on its device: no host sync per step."""
+    def _accumulate(self, mode: str, result: DistillationLossOutput, hidden: torch.Tensor | None = None) -> None:
+        """Add a batch's sums (see _SUMS) on its device: no host sync per step."""
         sums = self._kd_sums[mode]
         if sums.device != result.kd_sum.device:
             sums = self._kd_sums[mode] = sums.to(result.kd_sum.device)
+        zero = result.kd_sum.new_zeros(())
         batch = [result.kd_sum, result.ce_sum, result.kd_sum.new_tensor(result.num_tokens), result.agreement]
+        batch += [hidden.detach(), zero + 1] if hidden is not None else [zero, zero]
         sums += torch.stack([value.to(sums.dtype) for value in batch])
 
     def _drain_metrics(self, mode: str, prefix: str = "") -> dict[str, float]:
@@ -302,10 +390,12 @@ class DistillationTrainer(Seq2SeqTrainer):
         if self.args.world_size > 1:
             sums = self.accelerator.reduce(sums.to(self.args.device), reduction="sum")
         self._kd_sums[mode].zero_()
-        kd, ce, tokens, agree = sums.tolist()
+        kd, ce, tokens, agree, hidden, hidden_batches = sums.tolist()
         if tokens == 0:
             return {}
         metrics = {"kd_loss": kd / tokens, "ce_loss": ce / tokens, "teacher_agreement": agree / tokens}
+        if hidden_batches:
+            metrics["hidden_loss"] = hidden / hidden_batches
         return {f"{prefix}{k}": round(v, 6) for k, v in metrics.items()}
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
