@@ -449,6 +449,8 @@ class DistillationTrainer(Seq2SeqTrainer):
         section = distillation_section(teacher=self.teacher_name, args=self.args, dataset=data_name, metrics=metrics)
         if finetuned_from is not None and finetuned_from == self.teacher_name:
             card = card.replace("is a fine-tuned version of", "was distilled from")
+        # The Trainer links an empty name when the student has no Hub origin; say what happened instead.
+        card = card.replace("is a fine-tuned version of [](https://huggingface.co/)", "was trained from scratch")
         with open(path, "w", encoding="utf-8") as f:
             f.write(insert_section(card, section))
 

@@ -137,6 +137,16 @@ def test_model_card_says_how_the_student_was_made(tmp_path, tokenizer):
         assert needle in card, needle
 
 
+def test_model_card_of_a_student_from_scratch_with_a_local_teacher(tmp_path, tokenizer):
+    trainer, *_ = causal_trainer(tmp_path, tokenizer)
+    trainer.train()
+    trainer.create_model_card()
+    card = (Path(trainer.args.output_dir) / "README.md").read_text()
+    assert "base_model" not in card.split("---")[1]  # nothing on the Hub to point at
+    assert "[](" not in card and "was trained from scratch" in card
+    assert "| teacher | `GPT2LMHeadModel` |" in card
+
+
 def test_teacher_loaded_from_a_local_folder(tmp_path, tokenizer):
     vocab = len(tokenizer)
     teacher = tiny_gpt2(vocab, seed=2)
