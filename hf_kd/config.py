@@ -74,8 +74,25 @@ class DistillationConfig(Seq2SeqTrainingArguments):
     loss_chunk_size: int | None = field(
         default=None,
         metadata={
-            "help": "Compute the loss over this many target tokens at a time to bound the float32 memory of "
-            "[tokens, vocab] tensors; None computes all at once."
+            "help": "Compute the loss over this many target tokens at a time, each chunk's gradient formed at "
+            "once, so that float32 [tokens, vocab] tensors never exist for more than one chunk, backward included; "
+            "None computes all at once."
+        },
+    )
+    fuse_output_layer: bool = field(
+        default=False,
+        metadata={
+            "help": "In training, apply the student's output layer inside the loss, one chunk of loss_chunk_size "
+            "(default 1024) target tokens at a time, so that its [batch, seq, vocab] logits are never formed "
+            "(a fused linear loss, as in Liger-Kernel). Needs a linear output layer; not with DeepSpeed ZeRO-3 or FSDP."
+        },
+    )
+    teacher_reuses_student_encoder: bool = field(
+        default=False,
+        metadata={
+            "help": "Encoder-decoder models: give the teacher the student's encoder outputs instead of running "
+            "its own encoder. Only for a student whose encoder is a frozen copy of the teacher's (DistilBART, "
+            "distil-whisper); the trainer checks that it is."
         },
     )
 

@@ -97,7 +97,10 @@ def get_divergence(name: str, beta: float = 0.5, skew: float = 0.1) -> Callable[
 
 def log_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """float32 log-softmax of ``logits / temperature``, clamped at :data:`MIN_LOG_PROB`."""
-    return F.log_softmax(logits.float() / temperature, dim=-1).clamp_min(MIN_LOG_PROB)
+    logits = logits.float()
+    if temperature != 1.0:  # a pass over [tokens, vocab] saved in the common case
+        logits = logits / temperature
+    return F.log_softmax(logits, dim=-1).clamp_min(MIN_LOG_PROB)
 
 
 @dataclass

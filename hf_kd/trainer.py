@@ -13,13 +13,16 @@ from transformers import PreTrainedModel, Seq2SeqTrainer
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from hf_kd.card import distillation_section, insert_section
+from hf_kd.chunked import chunked_distillation_loss, fused_distillation_loss
 from hf_kd.config import DistillationConfig
 from hf_kd.cross_tokenizer import VocabularyMap
 from hf_kd.cross_trainer import check_cross_tokenizer, cross_tokenizer_step, make_collator, realign, student_inputs
 from hf_kd.generation import generate_causal_targets, generate_seq2seq_targets
 from hf_kd.hidden import PROJECTION_FILE, HiddenStateDistiller
 from hf_kd.losses import IGNORE_INDEX, DistillationLossOutput, distillation_loss
+from hf_kd.output_layer import forward_without_logits, output_layer
 from hf_kd.teacher import check_compatible, load_teacher, prepare_teacher, shared_vocab_size
+from hf_kd.teacher_forward import check_shared_encoder, rows_at_targets, target_logits
 
 # What _accumulate sums between two logs, per mode: divergence, cross-entropy and top-1 agreement over target
 # tokens, the target tokens, and the hidden-state loss over the batches that had one.
@@ -106,6 +109,7 @@ class DistillationTrainer(Seq2SeqTrainer):
         # Have the Trainer count target tokens over accumulated micro-batches and pass num_items_in_batch.
         self.model_accepts_loss_kwargs = True
         self.hidden_distiller = self._make_hidden_distiller(model, teacher_model)
+        self._check_fast_paths(model, teacher_model)
         self.teacher = prepare_teacher(teacher_model, args, self.accelerator)
         self._kd_sums = {mode: torch.zeros(len(_SUMS), dtype=self._sum_dtype) for mode in ("train", "eval")}
         self._check_labels_present()
@@ -122,6 +126,23 @@ class DistillationTrainer(Seq2SeqTrainer):
             return
         if "labels" not in batch:
             raise ValueError(_missing_labels_message(self.args.alpha))
+
+    def _check_fast_paths(self, student: nn.Module, teacher: nn.Module) -> None:
+        """fuse_output_layer and teacher_reuses_student_encoder: refuse what they cannot do, now."""
+        args = self.args
+        for name in ("fuse_output_layer", "teacher_reuses_student_encoder"):
+            if getattr(args, name) and args.cross_tokenizer:
+                raise ValueError(f"{name} is not supported with cross_tokenizer (the models read different tokens).")
+        if args.fuse_output_layer:
+            output_layer(student)  # raises UnfusableModelError for a model whose logits it cannot reproduce
+        if args.teacher_reuses_student_encoder:
+            if self.hidden_distiller is not None:
+                raise ValueError(
+                    "teacher_reuses_student_encoder skips the teacher's encoder, so its hidden states are not there "
+                    "for hidden_state_loss_weight > 0 (a frozen copy would match them exactly anyway). Use one or "
+                    "the other."
+                )
+            check_shared_encoder(student, teacher)
 
     def _make_hidden_distiller(self, student: nn.Module, teacher: nn.Module) -> HiddenStateDistiller | None:
         """The hidden-state term's layer pairs and projections, when hidden_state_loss_weight > 0."""
@@ -267,31 +288,57 @@ class DistillationTrainer(Seq2SeqTrainer):
         if with_hidden:
             model_inputs["output_hidden_states"] = True
 
-        outputs = model(**model_inputs)
-        with torch.no_grad():
-            teacher_outputs = self.teacher(**model_inputs)
+        # Fused: the student stops before its output layer; the loss applies it chunk by chunk. Training only:
+        # evaluation may hand the logits to compute_metrics, and needs no gradient memory.
+        fuse = self.args.fuse_output_layer and model.training
+        if fuse:
+            last_hidden, outputs = forward_without_logits(model, model_inputs)
+        else:
+            outputs = model(**model_inputs)
+        teacher_inputs = model_inputs
+        if self.args.teacher_reuses_student_encoder:
+            # The student's encoder is a frozen copy of the teacher's (checked in __init__): skip the teacher's.
+            encoder_states = outputs.encoder_last_hidden_state.to(next(self.teacher.parameters()).dtype)
+            teacher_inputs = {**model_inputs, "encoder_outputs": (encoder_states,)}
         hidden = None
         if with_hidden:
+            # The hidden-state loss keeps the teacher's states in the graph: no inference mode for it.
+            with torch.no_grad():
+                teacher_outputs = self.teacher(**teacher_inputs)
+            teacher_rows = rows_at_targets(teacher_outputs.logits, targets, self.vocab_size, self.is_encoder_decoder)
             # `inputs`, not model_inputs: a seq2seq batch's decoder mask comes from its labels.
             hidden = self.hidden_distiller.loss_from_outputs(outputs, teacher_outputs, inputs, self.is_encoder_decoder)
-        teacher_logits = teacher_outputs.logits
-        student_logits = outputs.logits[..., : self.vocab_size]
-        teacher_logits = teacher_logits[..., : self.vocab_size]
-        if not self.is_encoder_decoder:
-            student_logits, teacher_logits = student_logits[:, :-1], teacher_logits[:, :-1]
+            del teacher_outputs
+        else:
+            # Inference mode, the teacher's dtype, and only the target rows kept (or computed at all).
+            teacher_rows = target_logits(
+                self.teacher, teacher_inputs, targets, self.vocab_size, self.is_encoder_decoder
+            )
 
-        result = distillation_loss(
-            student_logits,
-            teacher_logits,
-            targets,
-            loss=self.args.loss,
-            temperature=self.args.temperature,
-            alpha=self.args.alpha,
-            beta=self.args.beta,
-            skew=self.args.skew,
-            num_items_in_batch=num_items_in_batch,
-            chunk_size=self.args.loss_chunk_size,
-        )
+        kwargs = {
+            "loss": self.args.loss,
+            "temperature": self.args.temperature,
+            "alpha": self.args.alpha,
+            "beta": self.args.beta,
+            "skew": self.args.skew,
+            "num_items_in_batch": num_items_in_batch,
+        }
+        # Labels for every output position (a causal LM's last position predicts nothing): no logits are sliced.
+        aligned = targets if self.is_encoder_decoder else torch.nn.functional.pad(targets, (0, 1), value=IGNORE_INDEX)
+        chunk = self.args.loss_chunk_size
+        if fuse:
+            result = fused_distillation_loss(
+                last_hidden, output_layer(model), teacher_rows, aligned, vocab_size=self.vocab_size, chunk_size=chunk,
+                **kwargs,
+            )  # fmt: skip
+        elif chunk:
+            result = chunked_distillation_loss(
+                outputs.logits, teacher_rows, aligned, vocab_size=self.vocab_size, chunk_size=chunk, **kwargs
+            )
+        else:
+            mask = aligned.ne(IGNORE_INDEX)
+            student_rows = outputs.logits[..., : self.vocab_size][mask]
+            result = distillation_loss(student_rows, teacher_rows, aligned[mask], **kwargs)
         return result, outputs, hidden
 
     # ---- the hidden-state projection: optimized, synchronized and saved beside the student -------------

@@ -1,0 +1,385 @@
+"""Memory-lean distillation loss: the gradient is computed chunk by chunk during the forward pass.
+
+:func:`hf_kd.losses.distillation_loss` can loop over chunks of target tokens, but autograd then keeps every
+chunk's float32 log-probabilities alive until backward, so its memory still grows with tokens x vocabulary.
+Here (in the manner of Liger-Kernel's fused linear losses) each chunk's loss is differentiated at once with
+respect to its own student logits, the gradient is written into a buffer in the logits' dtype, and the float32
+intermediates are freed before the next chunk; backward only scales the buffer. The math is that of
+:mod:`hf_kd.losses` (same divergences, same :func:`~hf_kd.losses.log_probs`), so loss and gradients match it.
+
+With :func:`fused_distillation_loss` the student's logits are not an input at all: the output layer is applied
+to one chunk of hidden states at a time and its gradients (hidden states, weight, bias) accumulate per chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from hf_kd.losses import (
+    IGNORE_INDEX,
+    MIN_LOG_PROB,
+    DistillationLossOutput,
+    forward_kl,
+    get_divergence,
+    log_probs,
+)
+
+DEFAULT_CHUNK_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class OutputLayer:
+    """What a model does to its last hidden state to get logits: ``linear(h * scale, weight) + bias``.
+
+    ``bias`` is added after the projection, as BART adds its ``final_logits_bias``; ``scale`` is T5's
+    ``d_model ** -0.5`` when its embeddings are tied. Only the first ``vocab_size`` rows of ``weight`` (and
+    entries of ``bias``) are used: output layers are often wider than the vocabulary.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class _Settings:
+    divergence: Callable[..., torch.Tensor]
+    temperature: float
+    alpha: float
+    normalizer: float
+    chunk_size: int
+    vocab_size: int
+    scale: float
+
+
+def _chunk_loss(
+    logits: torch.Tensor, teacher: torch.Tensor, ids: torch.Tensor, s: _Settings
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The normalized weighted loss of one chunk (in the graph of ``logits``) and its detached KD and CE sums."""
+    # A term whose weight is 0 is still measured for the logs, but kept out of the graph (as in losses.py).
+    with torch.set_grad_enabled(torch.is_grad_enabled() and s.alpha < 1.0):
+        kd = s.divergence(log_probs(logits, s.temperature), log_probs(teacher, s.temperature)).sum()
+    with torch.set_grad_enabled(torch.is_grad_enabled() and s.alpha > 0.0):
+        ce = F.cross_entropy(logits.float(), ids, reduction="sum")
+    total = (s.alpha * ce + (1.0 - s.alpha) * s.temperature**2 * kd) / s.normalizer
+    return total, kd.detach(), ce.detach()
+
+
+def _forward_kl_closed_form(
+    logits: torch.Tensor, teacher: torch.Tensor, ids: torch.Tensor, s: _Settings
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_chunk_loss` for forward KL, with its float32 gradient in closed form.
+
+    Forward KL is the default and the cheapest case: with ``q = softmax(z / T)`` and the teacher's ``p``, the
+    gradient of ``T**2 * KL(p || q)`` is ``T * (q * sum(p) - p)`` and that of the CE is ``softmax(z) - onehot``,
+    so autograd's extra passes over ``[chunk, vocab]`` are not needed. Where ``log q`` is clamped at
+    :data:`~hf_kd.losses.MIN_LOG_PROB` the gradient is 0, as autograd gives through the clamp.
+    """
+    t, n, alpha = s.temperature, s.normalizer, s.alpha
+    z = logits.float()
+    log_q = F.log_softmax(z / t if t != 1.0 else z, dim=-1)
+    log_p = log_probs(teacher, t)
+    p = log_p.exp()
+    if log_q.min() < MIN_LOG_PROB:  # rare (masked vocabulary): log q is clamped, and its gradient is 0 there
+        live = p.masked_fill(log_q < MIN_LOG_PROB, 0.0)
+        live_sum = live.sum(-1, keepdim=True)
+        kd = log_p.sub_(log_q.clamp_min(MIN_LOG_PROB)).mul_(p).sum()
+    else:
+        live, live_sum = p, 1.0  # sum(p) is 1 up to rounding; autograd's extra pass over the chunk buys nothing
+        kd = log_p.sub_(log_q).mul_(p).sum()
+    del log_p
+    kd_weight = (1.0 - alpha) * t / n
+    if t == 1.0:
+        ce = -log_q.gather(1, ids[:, None]).sum()
+        grad = log_q.exp_()  # q, shared by both terms: alpha * (q - onehot) / n + kd_weight * (q * sum(p) - p)
+        grad.mul_(live_sum * kd_weight + alpha / n).sub_(live, alpha=kd_weight)
+    else:
+        grad = log_q.exp_().mul_(live_sum * kd_weight).sub_(live, alpha=kd_weight)
+        log_q1 = F.log_softmax(z, dim=-1)
+        ce = -log_q1.gather(1, ids[:, None]).sum()
+        if alpha > 0.0:
+            grad.add_(log_q1.exp_(), alpha=alpha / n)
+    if alpha > 0.0:
+        grad[torch.arange(ids.numel(), device=ids.device), ids] -= alpha / n
+    total = (alpha * ce + (1.0 - alpha) * t**2 * kd) / n
+    return total, kd, ce, grad
+
+
+# A run of at least this many consecutive target rows becomes chunks of its own, read as views of the input; shorter
+# runs (or scattered targets) are packed together and gathered, so that tiny chunks never multiply.
+MIN_RUN = 64
+
+
+def _chunks(rows: torch.Tensor, size: int) -> list[tuple[slice, slice | torch.Tensor]]:
+    """(positions in ``rows``, rows of the input) per chunk of at most ``size`` target rows.
+
+    Targets come in runs (the completion of each sequence): a long run is cut into slices of the input, which
+    cost neither a gather in forward nor a scatter of the gradient; short runs are packed and gathered.
+    """
+    n = rows.numel()
+    if n == 0:
+        return []
+    starts = [0, *((rows[1:] - rows[:-1]).ne(1).nonzero().squeeze(-1) + 1).tolist()]
+    ends = [*starts[1:], n]
+    firsts = rows[starts].tolist()
+    chunks: list[tuple[slice, slice | torch.Tensor]] = []
+    packed = (0, 0)  # positions [begin, end) of short runs waiting to be gathered together
+
+    def flush() -> None:
+        if packed[1] > packed[0]:
+            chunks.append((slice(*packed), rows[packed[0] : packed[1]]))
+
+    for start, end, first in zip(starts, ends, firsts, strict=True):
+        if end - start >= min(MIN_RUN, size):
+            flush()
+            packed = (end, end)
+            for a in range(start, end, size):
+                b = min(a + size, end)
+                chunks.append((slice(a, b), slice(first + a - start, first + b - start)))
+            continue
+        if end - packed[0] > size:
+            flush()
+            packed = (start, start)
+        packed = (packed[0], end)
+    flush()
+    return chunks
+
+
+class _ChunkedDistillation(torch.autograd.Function):
+    """Loss over the rows ``rows`` of ``inputs`` (logits, or hidden states when ``weight`` is given)."""
+
+    @staticmethod
+    def forward(  # noqa: ANN205
+        ctx,  # noqa: ANN001
+        inputs: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        teacher: torch.Tensor,
+        rows: torch.Tensor,
+        target_ids: torch.Tensor,
+        s: _Settings,
+    ):
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        flat = inputs.reshape(-1, inputs.shape[-1])
+        teacher_is_rows = teacher.dim() == 2 and teacher.shape[0] == rows.numel()
+        if not teacher_is_rows:
+            teacher = teacher.reshape(-1, teacher.shape[-1])
+        grad_x = None
+        if need_x:
+            # Every target row is written below; only the others (and any columns past the vocabulary) need zeros.
+            grad_x = torch.empty_like(flat)
+            keep = torch.zeros(flat.shape[0], dtype=torch.bool, device=flat.device)
+            keep[rows] = True
+            grad_x[~keep] = 0
+            if weight is None and flat.shape[-1] > s.vocab_size:
+                grad_x[:, s.vocab_size :] = 0
+        w = weight[: s.vocab_size] if weight is not None else None
+        b = bias.reshape(-1)[: s.vocab_size] if bias is not None else None
+        # Weight and bias gradients are sums over chunks: accumulate them in float32.
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+        grad_b = torch.zeros(b.shape, dtype=torch.float32, device=b.device) if need_b else None
+        kd_sum = torch.zeros((), dtype=torch.float32, device=flat.device)
+        ce_sum = torch.zeros((), dtype=torch.float32, device=flat.device)
+        loss = torch.zeros((), dtype=torch.float32, device=flat.device)
+        agreement = torch.zeros((), dtype=torch.long, device=flat.device)
+
+        for pos, sel in _chunks(rows, s.chunk_size):
+            t_chunk = teacher[pos] if teacher_is_rows else teacher[sel]
+            ids = target_ids[pos]
+            x = flat[sel]
+            h = x * s.scale if s.scale != 1.0 else x
+            logits = x[:, : s.vocab_size] if w is None else F.linear(h, w.detach())
+            if b is not None:
+                logits = logits + b.detach()  # as BART: the bias is added after the projection
+            if not (need_x or need_w or need_b):
+                total, kd, ce = _chunk_loss(logits, t_chunk, ids, s)
+            else:
+                # Differentiate with respect to the chunk's logits only; the projection's gradients are then
+                # matrix products accumulated in place, never per-chunk tensors of the weight's size.
+                if s.divergence is forward_kl:
+                    total, kd, ce, g = _forward_kl_closed_form(logits, t_chunk, ids, s)
+                else:
+                    with torch.enable_grad():
+                        z = logits.detach().requires_grad_(True)
+                        total, kd, ce = _chunk_loss(z, t_chunk, ids, s)
+                        (g,) = torch.autograd.grad(total, z)
+                if w is None:
+                    grad_x[sel, : s.vocab_size] = g
+                else:
+                    if need_b:
+                        grad_b += g.sum(0, dtype=torch.float32)
+                    g = g.to(logits.dtype)
+                    if need_x:
+                        gx = g @ w.to(g.dtype)
+                        grad_x[sel] = gx * s.scale if s.scale != 1.0 else gx
+                    if need_w:
+                        hs = h.to(g.dtype)
+                        if g.dtype == torch.float32:
+                            grad_w.addmm_(g.t(), hs)
+                        else:
+                            grad_w += (g.t() @ hs).float()
+                del g
+            loss += total.detach()
+            kd_sum += kd
+            ce_sum += ce
+            agreement += (logits.argmax(-1) == t_chunk.argmax(-1)).sum()
+
+        if grad_w is not None:
+            full = torch.zeros_like(weight)
+            full[: s.vocab_size] = grad_w.to(weight.dtype)
+            grad_w = full
+        if grad_b is not None:
+            full = torch.zeros_like(bias).reshape(-1)
+            full[: s.vocab_size] = grad_b.to(bias.dtype)
+            grad_b = full.reshape(bias.shape)
+        ctx.grads = (grad_x.view_as(inputs) if grad_x is not None else None, grad_w, grad_b)
+        ctx.mark_non_differentiable(kd_sum, ce_sum, agreement)
+        return loss, kd_sum, ce_sum, agreement
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor, *_unused: torch.Tensor):  # noqa: ANN205, ANN001
+        grads = ctx.grads
+        ctx.grads = None  # the buffers are handed over once; free them with the graph
+        if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
+            grads = tuple(g * grad_loss.to(g.dtype) if g is not None else None for g in grads)
+        return (*grads, None, None, None, None)
+
+
+def _targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    flat = labels.reshape(-1)
+    rows = flat.ne(IGNORE_INDEX).nonzero().squeeze(-1)
+    return rows, flat[rows]
+
+
+def _check_teacher(teacher_logits: torch.Tensor, num_targets: int, num_rows: int, vocab: int) -> None:
+    if teacher_logits.shape[-1] != vocab:
+        raise ValueError(
+            f"Teacher logits have {teacher_logits.shape[-1]} columns but the student's vocabulary has {vocab}: "
+            "slice the teacher to the shared vocabulary (and pass vocab_size) first."
+        )
+    rows = teacher_logits.numel() // vocab
+    if rows not in (num_targets, num_rows):
+        raise ValueError(
+            f"Teacher logits hold {rows} positions: expected the {num_rows} positions of the labels or only "
+            f"their {num_targets} target rows."
+        )
+
+
+def _run(
+    inputs: torch.Tensor,
+    layer: OutputLayer | None,
+    vocab: int,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    loss: str,
+    temperature: float,
+    alpha: float,
+    beta: float,
+    skew: float,
+    num_items_in_batch: int | torch.Tensor | None,
+    chunk_size: int | None,
+) -> DistillationLossOutput:
+    rows, target_ids = _targets(labels)
+    num_tokens = int(rows.numel())
+    _check_teacher(teacher_logits, num_tokens, labels.numel(), vocab)
+    normalizer = num_items_in_batch if num_items_in_batch is not None else max(num_tokens, 1)
+    settings = _Settings(
+        divergence=get_divergence(loss, beta=beta, skew=skew),
+        temperature=temperature,
+        alpha=alpha,
+        normalizer=float(normalizer),
+        chunk_size=chunk_size or DEFAULT_CHUNK_SIZE,
+        vocab_size=vocab,
+        scale=layer.scale if layer is not None else 1.0,
+    )
+    weight = layer.weight if layer is not None else None
+    bias = layer.bias if layer is not None else None
+    total, kd_sum, ce_sum, agreement = _ChunkedDistillation.apply(
+        inputs, weight, bias, teacher_logits, rows, target_ids, settings
+    )
+    return DistillationLossOutput(loss=total, kd_sum=kd_sum, ce_sum=ce_sum, num_tokens=num_tokens, agreement=agreement)
+
+
+def chunked_distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    loss: str = "forward_kl",
+    temperature: float = 1.0,
+    alpha: float = 0.5,
+    beta: float = 0.5,
+    skew: float = 0.1,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    vocab_size: int | None = None,
+) -> DistillationLossOutput:
+    """:func:`hf_kd.losses.distillation_loss`, with float32 memory bounded by one chunk, backward included.
+
+    Arguments are those of :func:`hf_kd.losses.distillation_loss`, with two additions that spare copies of
+    the logits: ``teacher_logits`` may be only the target rows, ``[num_targets, vocab]`` in the order of the
+    flattened labels (the trainer keeps no more of the teacher), and ``vocab_size`` uses only the first
+    columns of a wider ``student_logits`` without slicing it. The gradient with respect to ``student_logits``
+    is formed during the forward pass (one buffer in the logits' dtype); backward scales it.
+    """
+    return _run(
+        student_logits,
+        None,
+        vocab_size or student_logits.shape[-1],
+        teacher_logits,
+        labels,
+        loss,
+        temperature,
+        alpha,
+        beta,
+        skew,
+        num_items_in_batch,
+        chunk_size,
+    )
+
+
+def fused_distillation_loss(
+    hidden_states: torch.Tensor,
+    output_layer: OutputLayer,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    vocab_size: int | None = None,
+    loss: str = "forward_kl",
+    temperature: float = 1.0,
+    alpha: float = 0.5,
+    beta: float = 0.5,
+    skew: float = 0.1,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+) -> DistillationLossOutput:
+    """The chunked loss with the student's output layer fused in: its logits never exist for more than a chunk.
+
+    Args:
+        hidden_states: ``[..., hidden]`` last hidden states; position ``i`` predicts ``labels[..., i]``.
+        output_layer: the student's projection to logits, see :class:`OutputLayer` and
+            :func:`hf_kd.output_layer.output_layer`.
+        teacher_logits: ``[..., vocab_size]`` aligned with ``labels``, or only the target rows.
+        labels: target ids, :data:`~hf_kd.losses.IGNORE_INDEX` where there is no target.
+        vocab_size: how many leading output columns to use (the whole output layer when ``None``).
+        Others: as :func:`hf_kd.losses.distillation_loss`.
+    """
+    vocab = vocab_size or output_layer.weight.shape[0]
+    return _run(
+        hidden_states,
+        output_layer,
+        vocab,
+        teacher_logits,
+        labels,
+        loss,
+        temperature,
+        alpha,
+        beta,
+        skew,
+        num_items_in_batch,
+        chunk_size,
+    )

@@ -1,0 +1,103 @@
+"""The teacher's forward pass at the least cost: inference mode, target positions only, a shared encoder reused.
+
+Prompt and padding positions are never targets, so their logits are dropped before anything is cast to
+float32. Causal models of Transformers 5 can skip them earlier still: given a boolean ``logits_to_keep`` mask
+they apply their output layer to the kept positions only, so the teacher's ``[batch, seq, vocab]`` logits are
+never formed. When the student's encoder is a frozen copy of the teacher's (DistilBART, distil-whisper), the
+teacher can take the student's encoder outputs instead of running its own encoder:
+:func:`check_shared_encoder` makes sure that it is so.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hf_kd.losses import IGNORE_INDEX
+
+try:  # Transformers >= 5: boolean logits_to_keep masks are understood by (almost) every causal LM
+    from transformers.modeling_utils import slice_logits_to_keep as _slice_logits_to_keep  # noqa: F401
+
+    _MASKS_SUPPORTED = True
+except ImportError:
+    _MASKS_SUPPORTED = False
+
+
+def _accepts_logits_mask(model: nn.Module) -> bool:
+    model = getattr(model, "module", model)
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return _MASKS_SUPPORTED and "logits_to_keep" in params
+
+
+def target_logits(
+    model: nn.Module, inputs: dict[str, Any], targets: torch.Tensor, vocab_size: int, is_encoder_decoder: bool
+) -> torch.Tensor:
+    """``[num_targets, vocab_size]`` logits of ``model`` at the positions where ``targets`` != -100.
+
+    Args:
+        model: the teacher (frozen).
+        inputs: its forward kwargs.
+        targets: labels aligned with the logits, already shifted for causal models (``[batch, seq - 1]``).
+        vocab_size: how many leading logit columns to keep.
+        is_encoder_decoder: whether logits line up with ``targets`` directly (else position ``i`` predicts
+            ``targets[:, i]`` for ``i < seq - 1``).
+
+    Rows come in the order of ``targets.reshape(-1)``, as :func:`hf_kd.chunked.chunked_distillation_loss`
+    expects. The result is an inference tensor: read it, never write to it or save it for backward.
+    """
+    mask = targets.ne(IGNORE_INDEX)
+    with torch.inference_mode():
+        if not is_encoder_decoder and _accepts_logits_mask(model):
+            keep = F.pad(mask, (0, 1), value=False)  # the last position predicts nothing
+            logits = model(**inputs, logits_to_keep=keep).logits
+            if logits.dim() == 2 and logits.shape[0] == int(mask.sum()):
+                return logits[:, :vocab_size]
+            raise RuntimeError(
+                f"{type(model).__name__} accepts logits_to_keep but returned logits of shape {tuple(logits.shape)} "
+                "for a boolean mask; please report this model."
+            )
+        return rows_at_targets(model(**inputs).logits, targets, vocab_size, is_encoder_decoder)
+
+
+def rows_at_targets(
+    logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, is_encoder_decoder: bool
+) -> torch.Tensor:
+    """The ``[num_targets, vocab_size]`` rows of full ``[batch, seq, width]`` logits where ``targets`` != -100."""
+    if not is_encoder_decoder:
+        logits = logits[:, :-1]
+    return logits[..., :vocab_size][targets.ne(IGNORE_INDEX)]
+
+
+def check_shared_encoder(student: nn.Module, teacher: nn.Module) -> None:
+    """Refuse ``teacher_reuses_student_encoder`` unless the student's encoder is a frozen copy of the teacher's."""
+    student, teacher = getattr(student, "module", student), getattr(teacher, "module", teacher)
+    if not (
+        getattr(student.config, "is_encoder_decoder", False) and getattr(teacher.config, "is_encoder_decoder", False)
+    ):
+        raise ValueError("teacher_reuses_student_encoder needs encoder-decoder models (BART, T5, Whisper ...).")
+    s_params = dict(student.get_encoder().named_parameters())
+    t_params = dict(teacher.get_encoder().named_parameters())
+    trainable = [name for name, p in s_params.items() if p.requires_grad]
+    if trainable:
+        raise ValueError(
+            f"teacher_reuses_student_encoder: the student's encoder trains ({len(trainable)} parameters, e.g. "
+            f"{trainable[0]!r}), so its outputs are not the teacher's. Freeze it first, e.g. "
+            "student.get_encoder().requires_grad_(False)."
+        )
+    same = s_params.keys() == t_params.keys() and all(
+        p.shape == t_params[name].shape and torch.equal(p.detach().to(t_params[name]), t_params[name].detach())
+        for name, p in s_params.items()
+    )
+    if not same:
+        raise ValueError(
+            "teacher_reuses_student_encoder: the student's encoder is not a copy of the teacher's (its weights "
+            "differ), so the teacher would see different encoder outputs. Copy the teacher's encoder into the "
+            "student, or turn the option off."
+        )
