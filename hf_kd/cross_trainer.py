@@ -43,7 +43,6 @@ def make_collator(
         student_tokenizer,
         teacher_tokenizer,
         prompt_template=getattr(args, "teacher_prompt_template", "{source}\n"),
-        max_length=getattr(args, "max_length", None),
         teacher_max_length=getattr(args, "teacher_max_length", None),
     )
     text_column = getattr(args, "cross_tokenizer_text_column", "text")

@@ -287,7 +287,11 @@ def test_realign_rebuilds_a_batch_from_the_student_ids(layout):
 
 def test_make_collator_reads_the_layout_from_the_config():
     student_tok, teacher_tok = sentencepiece_tokenizer(), byte_bpe_tokenizer()
-    args = SimpleNamespace(text_column="target", prompt_column="source", teacher_prompt_template="{source} =")
+    args = SimpleNamespace(
+        cross_tokenizer_text_column="target",
+        cross_tokenizer_prompt_column="source",
+        teacher_prompt_template="{source} =",
+    )
     seq2seq = make_collator(args, True, student_tok, teacher_tok)
     causal = make_collator(SimpleNamespace(), False, student_tok, teacher_tok)
     assert seq2seq.columns == ["source", "target"] and causal.columns == ["text"]
