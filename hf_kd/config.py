@@ -28,6 +28,13 @@ class DistillationConfig(Seq2SeqTrainingArguments):
             "the trainer. Loaded with AutoModelForSeq2SeqLM or AutoModelForCausalLM, whichever fits its config."
         },
     )
+    teacher_cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "A folder written by `hf-kd cache-teacher`, used in place of a teacher: no teacher is loaded "
+            "and the loss compares the student with the cached top-k log-probabilities (docs/cache.md)."
+        },
+    )
     teacher_model_init_kwargs: dict[str, Any] | str | None = field(
         default=None,
         metadata={

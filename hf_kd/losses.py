@@ -110,14 +110,16 @@ class DistillationLossOutput:
     loss: torch.Tensor
     """alpha * CE + (1 - alpha) * temperature**2 * divergence, each summed over target tokens and divided by
     the normalizer (``num_items_in_batch`` when given, else the number of target tokens)."""
-    kd_sum: torch.Tensor
-    """Divergence at the temperature, summed over target tokens (no temperature**2 factor), detached."""
+    kd_sum: torch.Tensor | None
+    """Divergence at the temperature, summed over target tokens (no temperature**2 factor), detached; None when
+    there was no teacher to compare with."""
     ce_sum: torch.Tensor
     """Cross-entropy of the student against the labels, summed over target tokens, detached."""
     num_tokens: int
     """How many target tokens the batch held."""
-    agreement: torch.Tensor
-    """How many target tokens have the same top-1 token under student and teacher, detached."""
+    agreement: torch.Tensor | None
+    """How many target tokens have the same top-1 token under student and teacher, detached; None without a
+    teacher."""
 
 
 def distillation_loss(

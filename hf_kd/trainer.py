@@ -9,9 +9,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from transformers import PreTrainedModel, Seq2SeqTrainer
+from transformers import DataCollatorForSeq2Seq, PreTrainedModel, Seq2SeqTrainer
 from transformers.integrations import is_deepspeed_zero3_enabled
 
+from hf_kd.cached_teacher import BATCH_KEY, CACHE_COLUMNS, CachedTeacher
 from hf_kd.card import distillation_section, insert_section
 from hf_kd.chunked import chunked_distillation_loss, fused_distillation_loss
 from hf_kd.config import DistillationConfig
@@ -21,12 +22,14 @@ from hf_kd.generation import generate_causal_targets, generate_seq2seq_targets
 from hf_kd.hidden import PROJECTION_FILE, HiddenStateDistiller
 from hf_kd.losses import IGNORE_INDEX, DistillationLossOutput, distillation_loss
 from hf_kd.output_layer import forward_without_logits, output_layer
+from hf_kd.sparse import sparse_distillation_loss
 from hf_kd.teacher import check_compatible, load_teacher, prepare_teacher, shared_vocab_size
 from hf_kd.teacher_forward import check_shared_encoder, rows_at_targets, target_logits
 
 # What _accumulate sums between two logs, per mode: divergence, cross-entropy and top-1 agreement over target
-# tokens, the target tokens, and the hidden-state loss over the batches that had one.
-_SUMS = ("kd", "ce", "tokens", "agreement", "hidden", "hidden_batches")
+# tokens, the target tokens, the hidden-state loss over the batches that had one, and the target tokens that had
+# a teacher (all of them, but for a cache-trained student's evaluation rows without a cache).
+_SUMS = ("kd", "ce", "tokens", "agreement", "hidden", "hidden_batches", "teacher_tokens")
 
 
 class DistillationTrainer(Seq2SeqTrainer):
@@ -46,6 +49,8 @@ class DistillationTrainer(Seq2SeqTrainer):
         processing_class: the student's tokenizer.
         teacher_processing_class: the teacher's tokenizer, when it may differ from the student's; the
             trainer then checks that both map the same tokens to the same ids.
+        teacher_cache: a :class:`hf_kd.cached_teacher.CachedTeacher` or the folder written by ``hf-kd
+            cache-teacher``, in place of a teacher: no teacher is loaded, the loss uses its top-k rows.
         **kwargs: everything else :class:`transformers.Seq2SeqTrainer` takes (datasets, collator, callbacks,
             ``compute_metrics`` ...).
     """
@@ -61,6 +66,7 @@ class DistillationTrainer(Seq2SeqTrainer):
         args: DistillationConfig | None = None,
         processing_class: Any = None,
         teacher_processing_class: Any = None,
+        teacher_cache: CachedTeacher | str | None = None,
         **kwargs: Any,
     ) -> None:
         if args is None:
@@ -72,11 +78,49 @@ class DistillationTrainer(Seq2SeqTrainer):
             )
         if model is None:
             raise ValueError("DistillationTrainer needs the student as `model`.")
+        is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+        self.teacher_cache = self._open_teacher_cache(
+            teacher_cache, teacher_model, model, args, processing_class, kwargs
+        )
+        if self.teacher_cache is None:
+            teacher_model, teacher_processing_class = self._resolve_teacher(
+                teacher_model, model, args, processing_class, teacher_processing_class, kwargs
+            )
+
+        super().__init__(model=model, args=args, processing_class=processing_class, **kwargs)
+        self.is_encoder_decoder = is_encoder_decoder
+        # Have the Trainer count target tokens over accumulated micro-batches and pass num_items_in_batch.
+        self.model_accepts_loss_kwargs = True
+        self._kd_sums = {mode: torch.zeros(len(_SUMS), dtype=self._sum_dtype) for mode in ("train", "eval")}
+        if self.teacher_cache is not None:
+            self.teacher, self.hidden_distiller = None, None
+            self.vocab_size = self.teacher_cache.vocab_size
+            self.teacher_name = self.teacher_cache.fingerprint.get("teacher_name") or self.teacher_cache.path
+        else:
+            if args.cross_tokenizer:
+                self.vocab_map = VocabularyMap.from_tokenizers(processing_class, teacher_processing_class)
+            else:
+                self.vocab_size = shared_vocab_size(model, teacher_model, processing_class, teacher_processing_class)
+            self.hidden_distiller = self._make_hidden_distiller(model, teacher_model)
+            self._check_fast_paths(model, teacher_model)
+            self.teacher = prepare_teacher(teacher_model, args, self.accelerator)
+        self._check_labels_present()
+
+    def _resolve_teacher(
+        self,
+        teacher_model: nn.Module | str | None,
+        model: nn.Module,
+        args: DistillationConfig,
+        processing_class: Any,
+        teacher_processing_class: Any,
+        kwargs: dict[str, Any],
+    ) -> tuple[nn.Module, Any]:
+        """The teacher model (loaded when named) and its tokenizer, checked against the student."""
         teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
         if teacher_model is None:
             raise ValueError(
-                "No teacher: pass `teacher_model=` (a model or a path) or set `teacher_model_name_or_path` in "
-                "the DistillationConfig."
+                "No teacher: pass `teacher_model=` (a model or a path), set `teacher_model_name_or_path` in the "
+                "DistillationConfig, or train from a cache with `teacher_cache=` (see `hf-kd cache-teacher`)."
             )
         self.teacher_name = teacher_model if isinstance(teacher_model, str) else _model_name(teacher_model)
         if isinstance(teacher_model, str):
@@ -87,32 +131,56 @@ class DistillationTrainer(Seq2SeqTrainer):
                 "The teacher is the student object itself: distilling a model into itself teaches nothing. "
                 "Pass a separate teacher (e.g. a larger model, or a frozen copy made with copy.deepcopy)."
             )
-        is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
         if args.cross_tokenizer:
             # A causal teacher may teach an encoder-decoder student: it reads the source as its prompt.
             check_cross_tokenizer(model, teacher_model, processing_class, teacher_processing_class)
             if args.seq_kd:
                 raise ValueError("seq_kd (the teacher writes targets) is not supported with cross_tokenizer.")
             if kwargs.get("data_collator") is None:
+                is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
                 kwargs["data_collator"] = make_collator(
                     args, is_encoder_decoder, processing_class, teacher_processing_class
                 )
         else:
             check_compatible(model, teacher_model)
+        return teacher_model, teacher_processing_class
 
-        super().__init__(model=model, args=args, processing_class=processing_class, **kwargs)
-        self.is_encoder_decoder = is_encoder_decoder
-        if args.cross_tokenizer:
-            self.vocab_map = VocabularyMap.from_tokenizers(processing_class, teacher_processing_class)
-        else:
-            self.vocab_size = shared_vocab_size(model, teacher_model, processing_class, teacher_processing_class)
-        # Have the Trainer count target tokens over accumulated micro-batches and pass num_items_in_batch.
-        self.model_accepts_loss_kwargs = True
-        self.hidden_distiller = self._make_hidden_distiller(model, teacher_model)
-        self._check_fast_paths(model, teacher_model)
-        self.teacher = prepare_teacher(teacher_model, args, self.accelerator)
-        self._kd_sums = {mode: torch.zeros(len(_SUMS), dtype=self._sum_dtype) for mode in ("train", "eval")}
-        self._check_labels_present()
+    @staticmethod
+    def _open_teacher_cache(
+        teacher_cache: CachedTeacher | str | None,
+        teacher_model: Any,
+        model: nn.Module,
+        args: DistillationConfig,
+        processing_class: Any,
+        kwargs: dict[str, Any],
+    ) -> CachedTeacher | None:
+        """A checked teacher cache joined to the training set, with a collator that batches it; None without one."""
+        teacher_cache = teacher_cache if teacher_cache is not None else args.teacher_cache
+        if teacher_cache is None:
+            return None
+        if teacher_model is not None or args.teacher_model_name_or_path is not None:
+            raise ValueError(
+                "Pass a teacher (teacher_model / teacher_model_name_or_path) or a teacher_cache, not both."
+            )
+        unsupported = {
+            "lmbda > 0": args.lmbda > 0,
+            "seq_kd": args.seq_kd,
+            "cross_tokenizer": args.cross_tokenizer,
+            "hidden_state_loss_weight > 0": args.hidden_state_loss_weight > 0,
+            "fuse_output_layer": args.fuse_output_layer,
+            "teacher_reuses_student_encoder": args.teacher_reuses_student_encoder,
+        }
+        for name, on in unsupported.items():
+            if on:
+                raise ValueError(f"{name} needs a live teacher: it cannot be used with teacher_cache.")
+        cache = teacher_cache if isinstance(teacher_cache, CachedTeacher) else CachedTeacher(teacher_cache)
+        cache.check_temperature(args.temperature)  # the cached log-probabilities are at the cache's temperature
+        cache.check_student(model)
+        if kwargs.get("train_dataset") is not None:
+            kwargs["train_dataset"] = cache.attach(kwargs["train_dataset"], tokenizer=processing_class)
+        base = kwargs.get("data_collator") or DataCollatorForSeq2Seq(processing_class, label_pad_token_id=IGNORE_INDEX)
+        kwargs["data_collator"] = cache.collator(base)
+        return cache
 
     # ---- construction checks --------------------------------------------------------------------------
 
@@ -167,9 +235,12 @@ class DistillationTrainer(Seq2SeqTrainer):
         return distiller.to(self.args.device)
 
     def _set_signature_columns_if_needed(self) -> None:
-        """Keep the raw text columns the cross-tokenizer collator reads (the model's forward takes none of them)."""
+        """Keep the columns the collator reads that the model's forward does not take: the cross-tokenizer
+        collator's raw text, the teacher cache's rows."""
         super()._set_signature_columns_if_needed()
         columns = getattr(self.data_collator, "columns", None) if self.args.cross_tokenizer else None
+        if self.teacher_cache is not None:
+            columns = list(CACHE_COLUMNS)
         if columns:
             self._signature_columns = list(dict.fromkeys([*self._signature_columns, *columns]))
 
@@ -278,11 +349,13 @@ class DistillationTrainer(Seq2SeqTrainer):
         """The token-level loss, the student's outputs and, in training with hidden_state_loss_weight > 0, the
         hidden-state loss."""
         targets = self._targets(inputs)
-        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", BATCH_KEY)}
         if self.is_encoder_decoder and "decoder_input_ids" not in model_inputs:
             student = self.accelerator.unwrap_model(model)
             model_inputs["decoder_input_ids"] = student.prepare_decoder_input_ids_from_labels(labels=targets)
         model_inputs["use_cache"] = False
+        if self.teacher_cache is not None:
+            return self._cached_teacher_loss(model, model_inputs, inputs.get(BATCH_KEY), targets, num_items_in_batch)
         # Training only: in evaluation the Trainer would collect the hidden-state tuples as predictions.
         with_hidden = self.hidden_distiller is not None and model.training
         if with_hidden:
@@ -341,6 +414,30 @@ class DistillationTrainer(Seq2SeqTrainer):
             result = distillation_loss(student_rows, teacher_rows, aligned[mask], **kwargs)
         return result, outputs, hidden
 
+    def _cached_teacher_loss(
+        self,
+        model: nn.Module,
+        model_inputs: dict[str, Any],
+        cache_rows: dict[str, torch.Tensor] | None,
+        targets: torch.Tensor,
+        num_items_in_batch: torch.Tensor | int | None,
+    ) -> tuple[DistillationLossOutput, Any, None]:
+        """The loss against the cached top-k rows; cross-entropy alone for rows without a cache (an eval set)."""
+        outputs = model(**model_inputs)
+        logits = outputs.logits[..., : self.vocab_size]
+        if not self.is_encoder_decoder:
+            logits = logits[:, :-1]
+        settings = {"temperature": self.args.temperature, "num_items_in_batch": num_items_in_batch}
+        if cache_rows is not None:
+            result = sparse_distillation_loss(
+                logits, cache_rows, targets, loss=self.args.loss, alpha=self.args.alpha, beta=self.args.beta,
+                skew=self.args.skew, **settings,
+            )  # fmt: skip
+        else:
+            result = distillation_loss(logits, logits.detach(), targets, alpha=1.0, **settings)
+            result.kd_sum, result.agreement = None, None  # there was no teacher to compare with
+        return result, outputs, None
+
     # ---- the hidden-state projection: optimized, synchronized and saved beside the student -------------
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
@@ -397,8 +494,9 @@ class DistillationTrainer(Seq2SeqTrainer):
         # Seq2SeqTrainer reports the student's own CE when generating; report the distillation loss instead.
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, self._prepare_inputs(inputs)).detach()
+        plain = student_inputs({k: v for k, v in inputs.items() if k != BATCH_KEY})
         _, generated, labels = super().prediction_step(
-            model, student_inputs(inputs), prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs
+            model, plain, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs
         )
         return loss, generated, labels
 
@@ -424,11 +522,14 @@ class DistillationTrainer(Seq2SeqTrainer):
     def _accumulate(self, mode: str, result: DistillationLossOutput, hidden: torch.Tensor | None = None) -> None:
         """Add a batch's sums (see _SUMS) on its device: no host sync per step."""
         sums = self._kd_sums[mode]
-        if sums.device != result.kd_sum.device:
-            sums = self._kd_sums[mode] = sums.to(result.kd_sum.device)
-        zero = result.kd_sum.new_zeros(())
-        batch = [result.kd_sum, result.ce_sum, result.kd_sum.new_tensor(result.num_tokens), result.agreement]
+        if sums.device != result.ce_sum.device:
+            sums = self._kd_sums[mode] = sums.to(result.ce_sum.device)
+        zero, tokens = result.ce_sum.new_zeros(()), result.ce_sum.new_tensor(result.num_tokens)
+        has_teacher = result.kd_sum is not None
+        batch = [result.kd_sum if has_teacher else zero, result.ce_sum, tokens]
+        batch += [result.agreement if has_teacher else zero]
         batch += [hidden.detach(), zero + 1] if hidden is not None else [zero, zero]
+        batch += [tokens if has_teacher else zero]
         sums += torch.stack([value.to(sums.dtype) for value in batch])
 
     def _drain_metrics(self, mode: str, prefix: str = "") -> dict[str, float]:
@@ -437,10 +538,12 @@ class DistillationTrainer(Seq2SeqTrainer):
         if self.args.world_size > 1:
             sums = self.accelerator.reduce(sums.to(self.args.device), reduction="sum")
         self._kd_sums[mode].zero_()
-        kd, ce, tokens, agree, hidden, hidden_batches = sums.tolist()
+        kd, ce, tokens, agree, hidden, hidden_batches, teacher_tokens = sums.tolist()
         if tokens == 0:
             return {}
-        metrics = {"kd_loss": kd / tokens, "ce_loss": ce / tokens, "teacher_agreement": agree / tokens}
+        metrics = {"ce_loss": ce / tokens}
+        if teacher_tokens:
+            metrics.update(kd_loss=kd / teacher_tokens, teacher_agreement=agree / teacher_tokens)
         if hidden_batches:
             metrics["hidden_loss"] = hidden / hidden_batches
         return {f"{prefix}{k}": round(v, 6) for k, v in metrics.items()}

@@ -1,0 +1,263 @@
+"""Quality of training from a top-k teacher cache, and of sequence-level KD, on the quickstart's lm task (CPU).
+
+Run from the repository root: ``python benchmarks/cache_quality.py --cache-dir DIR`` (the quickstart's data and
+teacher cache; the teacher is trained there first when absent). Four students with the same initialisation, data
+order and steps are trained on the same training blocks and scored by test perplexity:
+
+* ``ce``: cross-entropy on the data;
+* ``kd_online``: DistillationTrainer, forward KL (alpha 0, T 1) against the live teacher;
+* ``kd_cache_k64``: the same loss from a k = 64 top-k cache (hf_kd.cache), k + 1 bucket forward KL;
+* ``seqkd``: cross-entropy on the teacher's greedy continuations of each block's first 16 tokens
+  (hf_kd.pseudo_label), the block's text after them replaced.
+
+Until DistillationTrainer accepts ``teacher_cache=``, the cached run uses :class:`CachedKD` below, a subclass
+written the way /work/notes/cache_integration.md proposes. Results: benchmarks/results/cache_quality.json / .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from transformers import AutoTokenizer, GPT2LMHeadModel, Trainer  # noqa: E402
+
+from hf_kd import DistillationConfig, DistillationTrainer  # noqa: E402
+from hf_kd import quickstart as qs  # noqa: E402
+from hf_kd.cache import build_teacher_cache  # noqa: E402
+from hf_kd.cached_teacher import BATCH_KEY, CACHE_COLUMNS, CachedTeacher  # noqa: E402
+from hf_kd.metrics import perplexity  # noqa: E402
+from hf_kd.pseudo_label import assemble, generate_pseudo_labels  # noqa: E402
+
+
+class CachedKD(DistillationTrainer):
+    """DistillationTrainer whose teacher is a top-k cache (prototype of the proposed integration)."""
+
+    def __init__(
+        self,
+        *,
+        model: Any,
+        teacher_cache: CachedTeacher,
+        args: Any,
+        processing_class: Any,
+        tail_treatment: str = "bucket",
+        **kwargs: Any,
+    ):
+        self.tail_treatment = tail_treatment
+        teacher_cache.check_temperature(args.temperature)
+        teacher_cache.check_student(model)
+        self.teacher_cache = teacher_cache
+        kwargs["train_dataset"] = teacher_cache.attach(kwargs["train_dataset"], tokenizer=processing_class)
+        kwargs["data_collator"] = teacher_cache.collator(kwargs["data_collator"])
+        # The live-teacher constructor needs a teacher; a copy of the student stands in and is never called.
+        super().__init__(
+            model=model, teacher_model=copy.deepcopy(model), args=args, processing_class=processing_class, **kwargs
+        )
+        self.vocab_size = teacher_cache.vocab_size
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *CACHE_COLUMNS]))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001, ANN201
+        rows = inputs.pop(BATCH_KEY)
+        targets = self._targets(inputs)
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        outputs = model(**model_inputs, use_cache=False)
+        logits = outputs.logits[..., : self.vocab_size]
+        logits = logits if self.is_encoder_decoder else logits[:, :-1]
+        result = self.teacher_cache.loss(
+            logits,
+            rows,
+            targets,
+            loss=self.args.loss,
+            temperature=self.args.temperature,
+            alpha=self.args.alpha,
+            beta=self.args.beta,
+            skew=self.args.skew,
+            num_items_in_batch=num_items_in_batch if model.training else None,
+            tail_treatment=self.tail_treatment,
+        )
+        self._accumulate("train" if model.training else "eval", result)  # the trainer's own logging sums
+        return (result.loss, outputs) if return_outputs else result.loss
+
+
+def training_args(output_dir: Path, settings: Any, **extra: Any) -> DistillationConfig:
+    """The quickstart's student schedule, without evaluation during training (the test set scores at the end)."""
+    return DistillationConfig(
+        output_dir=str(output_dir),
+        max_steps=settings.student_steps,
+        per_device_train_batch_size=settings.batch_size,
+        learning_rate=settings.student_lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, settings.student_steps // 20),
+        weight_decay=0.0,
+        logging_steps=max(1, settings.student_steps // 8),
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=settings.seed,
+        data_seed=settings.seed,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        **extra,
+    )
+
+
+def seqkd_rows(teacher: Any, tokenizer: Any, train: Dataset, settings: Any, folder: Path, prompt: int) -> Dataset:
+    """Training blocks whose tokens after the first ``prompt`` are the teacher's greedy continuation."""
+    prompts = Dataset.from_dict({"prompt": [tokenizer.decode(ids[:prompt]) for ids in train["input_ids"]]})
+    generate_pseudo_labels(
+        teacher,
+        tokenizer,
+        prompts,
+        folder,
+        source_column="prompt",
+        max_source_length=prompt,  # decoding and re-encoding may change the count: keep prompt + new <= block
+        max_new_tokens=settings.block_size - prompt,
+        batch_size=240,  # generation here is per-step overhead bound: fewer, larger batches
+        shard_size=480,
+    )
+    labelled = assemble(prompts, folder, target_column="continuation")
+
+    def encode(row: dict[str, str]) -> dict[str, list[int]]:
+        ids = tokenizer(row["prompt"] + " " + row["continuation"])["input_ids"][: settings.block_size]
+        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": ids}
+
+    return labelled.map(encode, remove_columns=labelled.column_names)
+
+
+def top_k_mass(cache: CachedTeacher, rows: int = 300) -> float:
+    """Mean probability the teacher puts on its top-k tokens (1 - tail mass), over the first ``rows`` rows."""
+    tails = cache.data.select(range(min(rows, len(cache.data)))).with_format("numpy")["tail_logmass"]
+    return float(1.0 - np.exp(np.concatenate(list(tails))).mean())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache-dir", help="Quickstart data/teacher cache folder (required unless --report-only).")
+    parser.add_argument("--work-dir", default="/tmp/hf_kd_cache_quality")
+    parser.add_argument("--student-steps", type=int, default=150)
+    parser.add_argument("--variants", nargs="+", default=["ce", "kd_online", "kd_cache_k64", "seqkd"])
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--teacher-dir", help="Load the teacher and tokenizer from here instead of the quickstart.")
+    parser.add_argument("--merge", action="store_true", help="Add to the results already in --out.")
+    parser.add_argument("--report-only", action="store_true", help="Rewrite the .md from the .json in --out.")
+    args = parser.parse_args(argv)
+    if args.report_only:
+        report = json.loads((Path(args.out) / "cache_quality.json").read_text())
+        (Path(args.out) / "cache_quality.md").write_text(markdown(report))
+        return 0
+    if args.cache_dir is None:
+        parser.error("--cache-dir is required")
+    command = argv if argv is not None else sys.argv[1:]
+    settings = qs.Settings(
+        task="lm", block_size=64, teacher_width=128, teacher_steps=300, student_width=128,
+        student_steps=args.student_steps, max_test_docs=300,
+    )  # fmt: skip
+    work = Path(args.work_dir)
+    data = qs.load_data(settings, Path(args.cache_dir))
+    if args.teacher_dir:  # a teacher the quickstart trained earlier (its cache key may have changed since)
+        tokenizer = AutoTokenizer.from_pretrained(args.teacher_dir)
+        teacher = GPT2LMHeadModel.from_pretrained(args.teacher_dir)
+    else:
+        tokenizer, teacher, _, _ = qs.train_teacher(settings, data, Path(args.cache_dir))
+    teacher.eval()
+    # The report names the teacher actually used (a --teacher-dir one may differ from today's defaults).
+    settings = dataclasses.replace(settings, teacher_layers=teacher.config.n_layer, teacher_width=teacher.config.n_embd)
+    train = qs.featurize("lm", data["train"], tokenizer, settings)
+    train = train.select(range(min(len(train), settings.student_steps * settings.batch_size)))  # one epoch
+    test = qs.featurize("lm", data["test"], tokenizer, settings)
+    collate = qs.collator(tokenizer)
+    out = Path(args.out)
+    previous = json.loads((out / "cache_quality.json").read_text()) if args.merge else {}
+    results: dict[str, Any] = previous.get("results", {})
+    results["teacher"] = {"test_perplexity": perplexity(teacher, test, 32, collate)}
+    for variant in args.variants:
+        start = time.perf_counter()
+        student = qs.build_model(tokenizer, settings.student_layers, settings.student_width, settings, settings.seed)
+        common = {"model": student, "data_collator": collate, "processing_class": tokenizer}
+        kd = {"loss": "forward_kl", "temperature": 1.0, "alpha": 0.0}
+        extra: dict[str, Any] = {}
+        if variant == "ce":
+            targs = training_args(work / variant, settings)
+            trainer = Trainer(args=targs, train_dataset=train, **common)
+        elif variant == "kd_online":
+            targs = training_args(work / variant, settings, **kd)
+            trainer = DistillationTrainer(teacher_model=teacher, args=targs, train_dataset=train, **common)
+        elif variant.startswith("kd_cache_k"):  # kd_cache_k<K> (bucket tail) or kd_cache_k<K>_uniform
+            k = int(variant.removeprefix("kd_cache_k").removesuffix("_uniform"))
+            tail = "uniform" if variant.endswith("_uniform") else "bucket"
+            t0 = time.perf_counter()
+            build_teacher_cache(teacher, train, work / f"cache_k{k}", tokenizer=tokenizer, k=k, batch_size=64)
+            extra["cache_build_s"] = time.perf_counter() - t0
+            cache = CachedTeacher(work / f"cache_k{k}")
+            extra["teacher_top_k_mass"] = top_k_mass(cache)
+            targs = training_args(work / variant, settings, **kd)
+            trainer = CachedKD(teacher_cache=cache, args=targs, train_dataset=train, tail_treatment=tail, **common)
+        elif variant == "seqkd":
+            t0 = time.perf_counter()
+            rows = seqkd_rows(teacher, tokenizer, train, settings, work / "pseudo", prompt=16)
+            extra["pseudo_label_s"] = time.perf_counter() - t0
+            targs = training_args(work / variant, settings)
+            trainer = Trainer(args=targs, train_dataset=rows, **common)
+        else:
+            raise ValueError(variant)
+        trainer.train()
+        ppl = perplexity(student.eval(), test, 32, collate)
+        results[variant] = {"test_perplexity": ppl, "seconds": time.perf_counter() - start, **extra}
+        print(json.dumps({variant: results[variant]}), flush=True)
+    report = {
+        "commands": [
+            *previous.get("commands", []),
+            " ".join(["python benchmarks/cache_quality.py", *command]),
+        ],
+        "settings": vars(settings),
+        "train_rows": len(train),
+        "test_rows": len(test),
+        "results": results,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cache_quality.json").write_text(json.dumps(report, indent=1))
+    (out / "cache_quality.md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The results table; cached students also get their gap to the online-teacher student."""
+    s, results = report["settings"], report["results"]
+    online = results.get("kd_online", {}).get("test_perplexity")
+    lines = [
+        "# Training from a top-k cache and SeqKD: quickstart lm task (CPU)",
+        "",
+        "Commands: " + ", ".join(f"`{c}`" for c in report["commands"]) + ". "
+        f"{report['train_rows']} training blocks of {s['block_size']} tokens (one epoch, {s['student_steps']} "
+        f"steps of {s['batch_size']}); teacher {s['teacher_layers']}x{s['teacher_width']}, students "
+        f"{s['student_layers']}x{s['student_width']}, same seed and data order; alpha 0, T 1 for the KD students; "
+        f"{report['test_rows']} test blocks.",
+        "",
+        "| model | test perplexity | vs online KD | teacher mass in top-k | seconds |",
+        "|---|---|---|---|---|",
+    ]
+    for name, entry in results.items():
+        ppl = entry["test_perplexity"]
+        gap = f"{100 * (ppl - online) / online:+.1f}%" if online and name.startswith("kd_cache") else ""
+        mass = f"{entry['teacher_top_k_mass']:.3f}" if "teacher_top_k_mass" in entry else ""
+        seconds = f"{entry['seconds']:.0f}" if "seconds" in entry else ""
+        lines.append(f"| {name} | {ppl:.2f} | {gap} | {mass} | {seconds} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,347 @@
+"""`hf-kd cache-teacher`: run the teacher once over a tokenised data set and keep its top-k log-probabilities.
+
+For every target token (``labels != -100``; for causal models the shifted positions, as the trainer scores
+them) the cache row of an example holds, flattened in target order:
+
+* ``target_ids``: the target token ids (the labels), to check at training time that the rows line up;
+* ``topk_ids``: the teacher's ``k`` most likely token ids, most likely first (uint16 when the vocabulary fits);
+* ``topk_logprobs``: their log-probabilities at the cache's temperature (float16);
+* ``tail_logmass``: ``log(1 - sum of the top-k probabilities)``, the teacher's mass on all other tokens
+  (float32; computed as a log-sum-exp over the other tokens, so it is exact even when the tail is tiny).
+
+The cache is a sharded, resumable :mod:`hf_kd.shards` folder; its fingerprint names the teacher (config and
+weights hashes), the tokenizer (vocabulary hash), the data set (content hash of the columns the teacher
+reads), ``k``, the temperature and the vocabulary size. :class:`hf_kd.cached_teacher.CachedTeacher` reads it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from datasets import Dataset, DatasetInfo, Features, Sequence, Value
+from datasets.table import InMemoryTable
+from torch import nn
+
+from hf_kd.losses import IGNORE_INDEX, MIN_LOG_PROB, log_probs
+from hf_kd.shards import data_files, load_sharded, write_sharded
+
+CACHE_KIND = "hf-kd-teacher-topk-cache"
+ROW_CHUNK = 1024
+# Columns the teacher reads; the data set hash covers exactly these.
+INPUT_COLUMNS = ("input_ids", "attention_mask", "labels", "decoder_input_ids", "decoder_attention_mask")
+
+
+# ---- fingerprints -----------------------------------------------------------------------------------------
+
+
+def tokenizer_hash(tokenizer: Any) -> str:
+    """sha256 of the token -> id map: what decides whether two tokenizers' ids mean the same tokens."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
+
+
+def config_hash(model: nn.Module) -> str:
+    config = model.config.to_dict()
+    for key in ("_name_or_path", "transformers_version", "_commit_hash"):
+        config.pop(key, None)  # where a model was loaded from, not what it computes
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def weights_hash(model: nn.Module) -> str:
+    """sha256 over every parameter and buffer: names, dtypes, shapes and bytes."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def dataset_hash(dataset: Dataset, columns: tuple[str, ...] = INPUT_COLUMNS) -> str:
+    """sha256 of the content of ``columns`` (those present), in row order: stable across processes and copies."""
+    present = [c for c in columns if c in dataset.column_names]
+    digest = hashlib.sha256(json.dumps([len(dataset), present]).encode())
+    for table in dataset.select_columns(present).with_format("arrow").iter(batch_size=10_000):
+        for name in present:
+            column = table.column(name).combine_chunks()
+            while pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+                digest.update(np.asarray(pa.compute.list_value_length(column).fill_null(-1)).tobytes())
+                column = column.flatten()
+            if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+                digest.update(json.dumps(column.to_pylist(), ensure_ascii=False).encode())
+            else:
+                digest.update(np.asarray(column.cast(pa.int64())).tobytes())
+    return digest.hexdigest()
+
+
+def cache_fingerprint(
+    teacher: nn.Module, tokenizer: Any, dataset: Dataset, k: int, temperature: float, vocab_size: int
+) -> dict[str, Any]:
+    return {
+        "kind": CACHE_KIND,
+        "teacher_config_sha256": config_hash(teacher),
+        "teacher_weights_sha256": weights_hash(teacher),
+        "teacher_name": str(getattr(teacher.config, "_name_or_path", "") or type(teacher).__name__),
+        "tokenizer_sha256": tokenizer_hash(tokenizer) if tokenizer is not None else None,
+        "dataset_sha256": dataset_hash(dataset),
+        "dataset_rows": len(dataset),
+        "k": k,
+        "temperature": float(temperature),
+        "vocab_size": vocab_size,
+        "is_encoder_decoder": bool(getattr(teacher.config, "is_encoder_decoder", False)),
+    }
+
+
+# ---- the teacher's top-k ----------------------------------------------------------------------------------
+
+
+def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([list(r) + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+def collate_for_teacher(rows: list[dict[str, Any]], pad_token_id: int, is_encoder_decoder: bool) -> dict[str, Any]:
+    """Right-padded model inputs and the target ids aligned with the logits (shifted for causal models)."""
+    batch = {"input_ids": _pad([r["input_ids"] for r in rows], pad_token_id)}
+    if "attention_mask" in rows[0]:
+        batch["attention_mask"] = _pad([r["attention_mask"] for r in rows], 0)
+    else:
+        batch["attention_mask"] = _pad([[1] * len(r["input_ids"]) for r in rows], 0)
+    if "labels" in rows[0]:
+        labels = _pad([r["labels"] for r in rows], IGNORE_INDEX)
+    elif is_encoder_decoder:
+        raise ValueError("An encoder-decoder teacher needs a `labels` column (the decoder targets).")
+    else:  # as the trainer does without labels: every attended input token is a target
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"].eq(0), IGNORE_INDEX)
+    for name in ("decoder_input_ids", "decoder_attention_mask"):
+        if name in rows[0]:
+            batch[name] = _pad([r[name] for r in rows], pad_token_id if name == "decoder_input_ids" else 0)
+    return {"inputs": batch, "targets": labels if is_encoder_decoder else labels[:, 1:]}
+
+
+@torch.no_grad()
+def teacher_topk(
+    teacher: nn.Module, inputs: dict[str, torch.Tensor], targets: torch.Tensor, k: int, temperature: float, vocab: int
+) -> dict[str, torch.Tensor]:
+    """Top-k ids and log-probabilities and the tail log-mass at every target position, in row-major order."""
+    inputs = dict(inputs)
+    if getattr(teacher.config, "is_encoder_decoder", False) and "decoder_input_ids" not in inputs:
+        inputs["decoder_input_ids"] = teacher.prepare_decoder_input_ids_from_labels(labels=targets)
+    logits = teacher(**inputs, use_cache=False).logits
+    if not getattr(teacher.config, "is_encoder_decoder", False):
+        logits = logits[:, :-1]
+    mask = targets.ne(IGNORE_INDEX)
+    rows = logits[mask][:, :vocab]
+    parts: dict[str, list[torch.Tensor]] = {"topk_ids": [], "topk_logprobs": [], "tail_logmass": []}
+    # Row chunks bound the float32 copies to ROW_CHUNK x vocab, whatever the batch (large vocabularies).
+    for start in range(0, rows.shape[0], ROW_CHUNK):
+        lp = log_probs(rows[start : start + ROW_CHUNK], temperature)
+        top_lp, top_ids = lp.topk(k, dim=-1)
+        # The tail as a log-sum-exp over the other tokens: log1p(-sum(exp(top))) would cancel to 0 or NaN when
+        # the top-k hold nearly all the mass.
+        tail = lp.scatter(-1, top_ids, float("-inf")).logsumexp(-1).clamp_min(MIN_LOG_PROB)
+        parts["topk_ids"].append(top_ids)
+        parts["topk_logprobs"].append(top_lp)
+        parts["tail_logmass"].append(tail)
+    out = {name: torch.cat(values) if values else _empty(name, k, rows) for name, values in parts.items()}
+    return {"target_ids": targets[mask], **out}
+
+
+def _empty(name: str, k: int, rows: torch.Tensor) -> torch.Tensor:
+    """A batch without any target token still yields correctly shaped (empty) columns."""
+    if name == "tail_logmass":
+        return rows.new_zeros(0, dtype=torch.float32)
+    return rows.new_zeros((0, k), dtype=torch.long if name == "topk_ids" else torch.float32)
+
+
+def cache_features(vocab_size: int) -> Features:
+    id_type = "uint16" if vocab_size <= np.iinfo(np.uint16).max + 1 else "int32"
+    return Features(
+        {
+            "target_ids": Sequence(Value(id_type)),
+            "topk_ids": Sequence(Value(id_type)),
+            "topk_logprobs": Sequence(Value("float16")),
+            "tail_logmass": Sequence(Value("float32")),
+        }
+    )
+
+
+def _rows_to_dataset(per_row: list[dict[str, np.ndarray]], features: Features) -> Dataset:
+    """One Arrow list per column, built from numpy without a detour through Python lists."""
+    columns = {}
+    for name, feature in features.items():
+        values = [row[name].reshape(-1) for row in per_row]
+        offsets = np.concatenate([[0], np.cumsum([len(v) for v in values])]).astype(np.int32)
+        flat = np.concatenate(values).astype(feature.feature.dtype) if values else np.zeros(0)
+        columns[name] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
+    return Dataset(InMemoryTable(pa.table(columns)), info=DatasetInfo(features=features))
+
+
+def _shard_maker(teacher: nn.Module, dataset: Dataset, settings: dict[str, Any]):  # noqa: ANN202
+    device = next(teacher.parameters()).device
+    is_ed = bool(getattr(teacher.config, "is_encoder_decoder", False))
+    features = cache_features(settings["vocab_size"])
+
+    def make_shard(start: int, end: int, progress: Any) -> Dataset:
+        rows = dataset.select(range(start, end))
+        # Batches of similar length waste less compute on padding; results go back to row order below.
+        lengths = [len(r) + (len(lab) if is_ed else 0) for r, lab in _lengths(rows, is_ed)]
+        order = sorted(range(len(rows)), key=lambda i: -lengths[i])
+        per_row: list[dict[str, np.ndarray] | None] = [None] * len(rows)
+        for b in range(0, len(order), settings["batch_size"]):
+            ids = order[b : b + settings["batch_size"]]
+            batch = collate_for_teacher([rows[i] for i in ids], settings["pad_token_id"], is_ed)
+            inputs = {key: value.to(device) for key, value in batch["inputs"].items()}
+            targets = batch["targets"].to(device)
+            out = teacher_topk(teacher, inputs, targets, settings["k"], settings["temperature"], settings["vocab_size"])
+            counts = batch["targets"].ne(IGNORE_INDEX).sum(1).tolist()
+            out = {name: value.cpu().numpy() for name, value in out.items()}
+            offset = 0
+            for i, count in zip(ids, counts, strict=True):
+                per_row[i] = {name: value[offset : offset + count] for name, value in out.items()}
+                offset += count
+            progress.update(len(ids))
+        return _rows_to_dataset(per_row, features)
+
+    return make_shard
+
+
+def _lengths(rows: Dataset, is_ed: bool) -> list[tuple[list[int], list[int]]]:
+    labels = rows["labels"] if is_ed and "labels" in rows.column_names else [[]] * len(rows)
+    return list(zip(rows["input_ids"], labels, strict=True))
+
+
+def build_teacher_cache(
+    teacher: nn.Module,
+    dataset: Dataset,
+    output_dir: str | os.PathLike,
+    *,
+    tokenizer: Any = None,
+    k: int = 64,
+    temperature: float = 1.0,
+    batch_size: int = 8,
+    shard_size: int = 1000,
+    overwrite: bool = False,
+    on_shard: Any = None,
+) -> Path:
+    """Run ``teacher`` over ``dataset`` (rows with ``input_ids`` and, for encoder-decoders, ``labels``) and
+    write its top-``k`` cache to ``output_dir``; resumes an interrupted run with the same inputs.
+
+    ``tokenizer`` fixes the vocabulary size (the logits are cut to ``len(tokenizer)``, as the trainer cuts them
+    to the shared vocabulary) and is fingerprinted; ``temperature`` is baked into the stored log-probabilities.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be positive.")
+    vocab_size = len(tokenizer) if tokenizer is not None else int(teacher.get_output_embeddings().weight.shape[0])
+    if not 1 <= k <= vocab_size:
+        raise ValueError(f"k={k} must be between 1 and the vocabulary size {vocab_size}.")
+    pad = getattr(tokenizer, "pad_token_id", None)
+    pad = pad if pad is not None else getattr(teacher.config, "pad_token_id", None) or 0
+    settings = {"k": k, "temperature": temperature, "vocab_size": vocab_size, "batch_size": batch_size}
+    settings["pad_token_id"] = pad
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        write_sharded(
+            output_dir,
+            cache_fingerprint(teacher, tokenizer, dataset, k, temperature, vocab_size),
+            len(dataset),
+            shard_size,
+            _shard_maker(teacher, dataset, settings),
+            desc="Caching teacher top-k",
+            overwrite=overwrite,
+            on_shard=on_shard,
+            # For information only: `datasets` fingerprints change with the code of every .map that made the
+            # data, so the identity check is the content hash in the fingerprint.
+            extra={"dataset_fingerprint": getattr(dataset, "_fingerprint", None)},
+        )
+    finally:
+        teacher.train(was_training)
+    return Path(output_dir)
+
+
+def cache_size(path: str | os.PathLike) -> dict[str, float]:
+    """Bytes on disk (Arrow files), target tokens, and bytes per target token of a finished cache."""
+    data, _ = load_sharded(path, verify=False)
+    total = sum(f.stat().st_size for shard in Path(path).glob("shards/*") for f in data_files(shard))
+    tokens = int(pa.compute.sum(pa.compute.list_value_length(data.data.column("target_ids"))).as_py() or 0)
+    return {"bytes": total, "target_tokens": tokens, "bytes_per_target_token": total / max(tokens, 1)}
+
+
+# ---- command line -----------------------------------------------------------------------------------------
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "cache-teacher",
+        help="Run a teacher once over a tokenised data set and store its top-k log-probabilities.",
+        description="Writes a resumable top-k teacher cache (see docs/cache.md); run it again to resume.",
+    )
+    parser.add_argument("--teacher", required=True, help="Teacher model folder or Hub id.")
+    parser.add_argument("--dataset", required=True, help="A tokenised data set saved with save_to_disk.")
+    parser.add_argument("--split", default=None, help="Split to cache when --dataset is a DatasetDict.")
+    parser.add_argument("--output", required=True, help="Cache folder (created; resumed when it exists).")
+    parser.add_argument("--tokenizer", default=None, help="Tokenizer folder (default: the teacher's).")
+    parser.add_argument("--k", type=int, default=64, help="Teacher tokens kept per position (default 64).")
+    parser.add_argument("--temperature", type=float, default=1.0, help="Softmax temperature of the cache.")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--shard-size", type=int, default=1000, help="Rows per resumable shard.")
+    parser.add_argument("--device", default=None, help="cuda, cpu ... (default: cuda when available).")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="Replace a cache made with other settings.")
+    parser.set_defaults(run=run)
+    return parser
+
+
+def load_tokenised(path: str, split: str | None) -> Dataset:
+    from datasets import DatasetDict, load_from_disk
+
+    data = load_from_disk(path)
+    if isinstance(data, DatasetDict):
+        if split is None or split not in data:
+            raise SystemExit(f"{path} is a DatasetDict with splits {sorted(data)}: choose one with --split.")
+        data = data[split]
+    return data
+
+
+def load_model_for_cli(args: argparse.Namespace) -> tuple[nn.Module, Any]:
+    from transformers import AutoTokenizer
+
+    from hf_kd.teacher import load_teacher
+
+    kwargs = {} if args.dtype == "auto" else {"dtype": getattr(torch, args.dtype)}
+    options = argparse.Namespace(trust_remote_code=args.trust_remote_code, teacher_model_init_kwargs=kwargs)
+    teacher, tokenizer = load_teacher(args.teacher, options)
+    if args.tokenizer:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, trust_remote_code=args.trust_remote_code)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return teacher.to(device), tokenizer
+
+
+def run(args: argparse.Namespace) -> int:
+    teacher, tokenizer = load_model_for_cli(args)
+    dataset = load_tokenised(args.dataset, args.split)
+    path = build_teacher_cache(
+        teacher,
+        dataset,
+        args.output,
+        tokenizer=tokenizer,
+        k=args.k,
+        temperature=args.temperature,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        overwrite=args.overwrite,
+    )
+    size = cache_size(path)
+    per_token = size["bytes_per_target_token"]
+    print(f"Cache written to {path}: {size['target_tokens']} target tokens, {per_token:.0f} bytes each.")
+    return 0

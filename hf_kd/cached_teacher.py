@@ -1,0 +1,169 @@
+"""Training from a teacher cache: load and validate it, join it to the training rows, collate it, score with it.
+
+A cache written by :func:`hf_kd.cache.build_teacher_cache` has one row per training example. ``attach`` checks
+that the training data set is the one the cache was made for and adds the cache's columns to it (prefixed
+``teacher_``), so that shuffling, sampling and sharding the data set keep each example with its cache row;
+:class:`CacheCollator` takes those columns out of the features, runs the ordinary collator on the rest and
+adds ``batch["teacher_cache"]``, which ``Trainer._prepare_inputs`` moves to the device like any tensor dict.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset, concatenate_datasets
+
+from hf_kd.cache import CACHE_KIND, dataset_hash, tokenizer_hash
+from hf_kd.losses import DistillationLossOutput
+from hf_kd.shards import ShardError, load_sharded
+from hf_kd.sparse import sparse_distillation_loss
+
+PREFIX = "teacher_"
+CACHE_FIELDS = ("target_ids", "topk_ids", "topk_logprobs", "tail_logmass")
+CACHE_COLUMNS = tuple(PREFIX + name for name in CACHE_FIELDS)
+BATCH_KEY = "teacher_cache"
+
+
+class CacheMismatchError(ValueError):
+    """The cache was made for another tokenizer, data set or temperature than the training run uses."""
+
+
+class CachedTeacher:
+    """A finished top-k teacher cache, checked on load (missing shards, row counts, checksums).
+
+    Args:
+        path: the cache folder.
+        verify: recompute the shards' checksums (reads the whole cache once).
+    """
+
+    def __init__(self, path: str | os.PathLike, verify: bool = True) -> None:
+        self.path = str(path)
+        self.data, manifest = load_sharded(path, verify=verify)
+        self.fingerprint: dict[str, Any] = manifest["fingerprint"]
+        if self.fingerprint.get("kind") != CACHE_KIND:
+            raise ShardError(f"{path} is not a teacher cache (kind {self.fingerprint.get('kind')!r}).")
+        self.k: int = self.fingerprint["k"]
+        self.temperature: float = self.fingerprint["temperature"]
+        self.vocab_size: int = self.fingerprint["vocab_size"]
+        self.is_encoder_decoder: bool = self.fingerprint["is_encoder_decoder"]
+
+    def __repr__(self) -> str:
+        return (
+            f"CachedTeacher({self.path!r}, rows={len(self.data)}, k={self.k}, temperature={self.temperature}, "
+            f"teacher={self.fingerprint.get('teacher_name')!r})"
+        )
+
+    # ---- checks ---------------------------------------------------------------------------------------
+
+    def check_tokenizer(self, tokenizer: Any) -> None:
+        expected = self.fingerprint.get("tokenizer_sha256")
+        if expected is not None and tokenizer is not None and tokenizer_hash(tokenizer) != expected:
+            raise CacheMismatchError(
+                f"The teacher cache {self.path} was made with another tokenizer than "
+                f"{getattr(tokenizer, 'name_or_path', type(tokenizer).__name__)!r} (their vocabularies differ), so "
+                "its token ids mean other tokens. Rebuild the cache with the student's tokenizer."
+            )
+
+    def check_dataset(self, dataset: Dataset) -> None:
+        if len(dataset) != self.fingerprint["dataset_rows"]:
+            raise CacheMismatchError(
+                f"The teacher cache {self.path} was made for another data set: {self.fingerprint['dataset_rows']} "
+                f"rows, this one has {len(dataset)}."
+            )
+        if dataset_hash(dataset) != self.fingerprint["dataset_sha256"]:
+            raise CacheMismatchError(
+                f"The teacher cache {self.path} was made for another data set: the tokenised rows (input_ids / "
+                "labels) differ from those it was computed on. Rebuild it with `hf-kd cache-teacher`."
+            )
+
+    def check_temperature(self, temperature: float) -> None:
+        if abs(float(temperature) - self.temperature) > 1e-9:
+            raise CacheMismatchError(
+                f"The teacher cache {self.path} holds log-probabilities at temperature {self.temperature}, but "
+                f"training asks for {temperature}: set temperature={self.temperature} or rebuild the cache."
+            )
+
+    def check_student(self, student: torch.nn.Module) -> None:
+        if bool(getattr(student.config, "is_encoder_decoder", False)) != self.is_encoder_decoder:
+            raise CacheMismatchError(f"The teacher cache {self.path} is for another kind of model (encoder-decoder?).")
+        head = student.get_output_embeddings()
+        width = int(head.weight.shape[0]) if head is not None else int(student.config.vocab_size)
+        if width < self.vocab_size:
+            raise CacheMismatchError(
+                f"The student's output layer has {width} columns but the cache's vocabulary has {self.vocab_size}."
+            )
+
+    # ---- joining and collating ------------------------------------------------------------------------
+
+    def attach(self, dataset: Dataset, tokenizer: Any = None) -> Dataset:
+        """``dataset`` with the cache's columns added, after checking it is the data set the cache was made for.
+
+        The cache columns come back as numpy arrays (the rest unchanged), which collate much faster than lists.
+        """
+        self.check_dataset(dataset)
+        self.check_tokenizer(tokenizer)
+        cache = self.data.rename_columns({name: PREFIX + name for name in CACHE_FIELDS}).select_columns(
+            list(CACHE_COLUMNS)
+        )
+        joined = concatenate_datasets([dataset.remove_columns(_present(dataset, CACHE_COLUMNS)), cache], axis=1)
+        return joined.with_format("numpy", columns=list(CACHE_COLUMNS), output_all_columns=True)
+
+    def collator(self, base: Callable[[list[dict[str, Any]]], dict[str, Any]]) -> CacheCollator:
+        return CacheCollator(base=base, k=self.k)
+
+    def loss(
+        self, student_logits: torch.Tensor, cache_batch: dict[str, torch.Tensor], labels: torch.Tensor, **kwargs: Any
+    ) -> DistillationLossOutput:
+        """:func:`hf_kd.sparse.sparse_distillation_loss` after checking the temperature and vocabulary."""
+        self.check_temperature(kwargs.get("temperature", 1.0))
+        if student_logits.shape[-1] != self.vocab_size:
+            raise CacheMismatchError(
+                f"Student logits have {student_logits.shape[-1]} columns; slice them to the cache's vocabulary "
+                f"({self.vocab_size})."
+            )
+        return sparse_distillation_loss(student_logits, cache_batch, labels, **kwargs)
+
+
+def _present(dataset: Dataset, columns: tuple[str, ...]) -> list[str]:
+    return [c for c in columns if c in dataset.column_names]
+
+
+@dataclass
+class CacheCollator:
+    """Wraps a collator: cache columns become ``batch["teacher_cache"]``, one row per target token.
+
+    Features without cache columns are passed to ``base`` unchanged, so one collator serves a training set
+    with a cache and an evaluation set without one.
+
+    The rows are concatenated in feature order, which is the row-major order of the batch's target tokens:
+    what the loss selects with ``labels != -100``.
+    """
+
+    base: Callable[[list[dict[str, Any]]], dict[str, Any]]
+    k: int
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        if not features or PREFIX + CACHE_FIELDS[0] not in features[0]:
+            return self.base(features)  # rows without a cache (e.g. an evaluation set): the plain batch
+        parts = {name: [] for name in CACHE_FIELDS}
+        rest = []
+        for feature in features:
+            feature = dict(feature)
+            for name in CACHE_FIELDS:
+                parts[name].append(np.asarray(feature.pop(PREFIX + name)))
+            rest.append(feature)
+        batch = self.base(rest)
+        flat = {name: np.concatenate(values) for name, values in parts.items()}
+        batch[BATCH_KEY] = {
+            "target_ids": torch.from_numpy(flat["target_ids"].astype(np.int64)),
+            "topk_ids": torch.from_numpy(flat["topk_ids"].astype(np.int64)).view(-1, self.k),
+            # float16 on the way to the device (half the bytes); the loss casts to float32.
+            "topk_logprobs": torch.from_numpy(flat["topk_logprobs"].astype(np.float16)).view(-1, self.k),
+            "tail_logmass": torch.from_numpy(flat["tail_logmass"].astype(np.float32)),
+        }
+        return batch
