@@ -219,3 +219,18 @@ def test_bf16_autocast_on_cpu_stays_finite(tmp_path, tokenizer):
     assert len(logs) == 3
     assert all(torch.isfinite(torch.tensor([log["loss"], log["kd_loss"], log["ce_loss"]])).all() for log in logs)
     assert json.dumps(trainer.state.log_history)  # serialisable for every report_to backend
+
+
+def test_saved_student_runs_in_a_pipeline(tmp_path, tokenizer):
+    from transformers import pipeline
+
+    trainer, student, _, _ = causal_trainer(tmp_path, tokenizer)
+    trainer.train()
+    out = tmp_path / "student"
+    trainer.save_model(str(out))
+    tokenizer.save_pretrained(out)
+    generator = pipeline("text-generation", model=str(out), device="cpu")
+    generated = generator("the cat", max_new_tokens=4, do_sample=False, return_tensors=True)[0]["generated_token_ids"]
+    ids = tokenizer("the cat", return_tensors="pt")["input_ids"]
+    expected = student.eval().generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert list(generated) == expected[0].tolist()
