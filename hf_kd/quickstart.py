@@ -4,7 +4,8 @@ On the built-in standard-library docstring data (:mod:`hf_kd.data`) it trains a 
 scratch (cached), then, with the same step budget, data order and initialisation, one student on the labels
 alone and one by distillation from the teacher (:class:`hf_kd.DistillationTrainer`). It evaluates the three
 on the test split and writes a DistilBART-style table (``report.md``, ``report.json``), a plot of the
-students' evaluation loss, and the distilled student with its model card.
+students' evaluation loss, the distilled student with its model card, and the teacher (``teacher/``, the
+teacher of ``recipes/configs/quickstart_lm.yaml``).
 """
 
 from __future__ import annotations
@@ -467,6 +468,9 @@ def _pipeline(args: argparse.Namespace) -> int:
     tokenizer, teacher, teacher_seconds, cached = train_teacher(settings, data, cache_dir)
     if cached:
         stage(f"    loaded from the cache ({cache_dir / 'quickstart'}); trained in {teacher_seconds:.0f} s")
+    # A copy beside the students, so that `hf-kd distill --config recipes/configs/quickstart_lm.yaml` finds it.
+    teacher.save_pretrained(output_dir / "teacher")
+    tokenizer.save_pretrained(output_dir / "teacher")
     train = featurize(settings.task, data["train"], tokenizer, settings)
     valid = _head(featurize(settings.task, data["validation"], tokenizer, settings), settings.eval_blocks)
     test = featurize(settings.task, data["test"], tokenizer, settings)
@@ -531,7 +535,7 @@ def _pipeline(args: argparse.Namespace) -> int:
         f"the distilled student {verdict} the CE-only student on {metric} "
         f"({results['student_kd'][metric]:.2f} vs {results['student_ce'][metric]:.2f})"
     )
-    stage(f"done in {wall:.0f} s; wrote {output_dir}/report.md, report.json, {plot_path.name}, student_kd/")
+    stage(f"done in {wall:.0f} s; wrote {output_dir}/report.md, report.json, {plot_path.name}, student_kd/, teacher/")
     return 0
 
 
@@ -551,6 +555,9 @@ def _versions() -> dict[str, str]:
 def _markdown_report(report: dict[str, Any], table: str) -> str:
     s = report["settings"]
     teacher_note = " (loaded from the cache)" if report["teacher_cached"] else ""
+    # The recipe config reads the lm data; a summarize teacher is saved all the same.
+    recipe = "; distill it again with `hf-kd distill --config recipes/configs/quickstart_lm.yaml`"
+    recipe = recipe if report["task"] == "lm" else ""
     return f"""# hf-kd quickstart report
 
 Task: `{report["task"]}` on the Python {report["versions"]["python"]} standard-library docstrings.
@@ -563,6 +570,7 @@ alpha = {s["alpha"]}). Batch {s["batch_size"]}, byte-level BPE of {s["vocab_size
 
 Speed: greedy generation of {s["speed_new_tokens"]} new tokens for {s["speed_prompts"]} prompts, on this CPU.
 Distilled student beats CE-only student on {report["main_metric"]}: {report["kd_beats_ce"]}.
+Saved here: `student_kd/` (with its model card), `student_ce/` and `teacher/` (model and tokenizer{recipe}).
 Wall time: {report["wall_seconds"]:.0f} s. Command: `{report["command"]}`
 
 ![evaluation loss](eval_loss.png)
@@ -578,8 +586,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             "Train a small GPT-2 teacher from scratch on the docstrings of the Python standard library (cached "
             "for later runs), then two students with the same step budget, data and initialisation: one on the "
             "labels alone, one by distillation from the teacher. Evaluate the three on the test split and write "
-            "report.md, report.json, eval_loss.png and the distilled student (with its model card) to "
-            "--output-dir. Needs no network; about 600 CPU-seconds (see docs/quickstart.md)."
+            "report.md, report.json, eval_loss.png, the distilled student (with its model card) and the teacher "
+            "to --output-dir. Needs no network; about 600 CPU-seconds (see docs/quickstart.md)."
         ),
     )
     parser.add_argument(

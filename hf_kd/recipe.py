@@ -273,7 +273,7 @@ DESCRIPTION = (
 )
 EPILOG = (
     "examples:\n"
-    "  hf-kd distill --config recipes/configs/quickstart_stdlib_docstrings.yaml\n"
+    "  hf-kd distill --config recipes/configs/quickstart_lm.yaml  (after hf-kd quickstart)\n"
     "  hf-kd distill --config recipes/configs/t5_large_to_t5_small_xsum.yaml --max_steps 100 --output_dir out\n"
     "multi-GPU: accelerate launch --config_file recipes/accelerate/ddp.yaml recipes/distill_seq2seq.py CONFIG.yaml"
 )

@@ -59,8 +59,10 @@ def write_data(root: Path, columns: dict[str, str], n_train: int = 16, n_eval: i
 
 
 def family_of(teacher_name: str) -> str:
-    """Which tiny family stands in for a config's teacher (by its Hub name)."""
+    """Which tiny family stands in for a config's teacher (by its Hub name, or the quickstart's local GPT-2)."""
     name = teacher_name.lower()
+    if "quickstart" in name:  # hf_kd_quickstart/teacher, saved by `hf-kd quickstart`
+        return "gpt2"
     for family in ("bart", "gpt2", "t5"):
         if family in name:
             return family

@@ -91,6 +91,13 @@ def test_smoke_run_outputs_agree_with_recomputation(request, cache_dir, task):
         assert 100 * rouge(predictions, references, ["rougeL"])["rougeL"] == pytest.approx(
             models["student_kd"]["test_rougeL"]
         )
+    # So does the saved teacher (with its own tokenizer): the teacher of recipes/configs/quickstart_lm.yaml.
+    assert (out / "teacher" / "model.safetensors").is_file()
+    teacher = AutoModelForCausalLM.from_pretrained(out / "teacher")
+    teacher_test = quickstart.featurize(task, data["test"], AutoTokenizer.from_pretrained(out / "teacher"), settings)
+    teacher_ppl = perplexity(teacher, teacher_test, batch_size=7, data_collator=quickstart.collator(tokenizer))
+    assert teacher_ppl == pytest.approx(models["teacher"]["test_perplexity"], rel=1e-4)
+    assert count_parameters(teacher) == models["teacher"]["params"]
     card = (out / "student_kd" / "README.md").read_text()  # the model card, with the distillation section
     assert "distill" in card.lower() and "stdlib docstrings" in card
 
@@ -103,6 +110,7 @@ def test_second_run_reuses_the_cached_teacher(tmp_path, cache_dir, lm_run):
     # The students' first validation point is the same: same initialisation in both runs.
     assert second["eval_loss_curves"]["student_kd"][0] == first["eval_loss_curves"]["student_kd"][0]
     assert re.search(r"--student-steps 2\b", second["command"])
+    assert (tmp_path / "teacher" / "model.safetensors").is_file()  # a cached teacher is saved too
 
 
 def test_students_start_from_the_same_weights(tokenizer):
@@ -124,3 +132,39 @@ def test_help_describes_the_command(capsys):
     text = capsys.readouterr().out
     for option in ("--task", "--output-dir", "--cache-dir", "--seed", "--smoke", "--teacher-steps", "--student-steps"):
         assert option in text
+
+
+def test_recipe_config_distills_from_the_saved_teacher(lm_run, cache_dir, tmp_path):
+    """`hf-kd quickstart` then `hf-kd distill --config recipes/configs/quickstart_lm.yaml`, offline."""
+    from pathlib import Path
+
+    from hf_kd.data import load_stdlib_docstrings
+    from hf_kd.recipe import run_recipe
+    from hf_kd.recipe_args import parse_recipe_config
+
+    out, _ = lm_run
+    config = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "quickstart_lm.yaml"
+    overrides = {
+        "teacher_model_name_or_path": str(out / "teacher"),
+        "cache_dir": str(cache_dir),
+        "output_dir": str(tmp_path),
+        "max_steps": 2,
+        "max_eval_samples": 20,
+        "use_cpu": True,
+        "disable_tqdm": True,
+    }
+    metrics = run_recipe(*parse_recipe_config(config, overrides))
+
+    teacher = AutoModelForCausalLM.from_pretrained(out / "teacher")
+    student = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert (student.config.n_layer, student.config.n_embd) == (2, 64)
+    assert student.config.vocab_size == teacher.config.vocab_size
+    assert json.loads((tmp_path / "trainer_state.json").read_text())["global_step"] == 2
+    # Training blocks: the whole lm train split, concatenated 1000 texts at a time (datasets.map batches) and cut
+    # into blocks of the smoke teacher's 32 positions (the config's 128 capped), tails dropped.
+    tokenizer = AutoTokenizer.from_pretrained(out / "teacher")
+    texts = [t for t in load_stdlib_docstrings("lm", cache_dir=cache_dir)["train"]["text"] if t.strip()]
+    lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
+    blocks = sum(sum(lengths[i : i + 1000]) // teacher.config.n_positions for i in range(0, len(lengths), 1000))
+    assert metrics["train_samples"] == blocks
+    assert "eval_kd_loss" in metrics

@@ -76,6 +76,28 @@ def test_config_distills_two_steps(config_path, models, tmp_path):
         assert any(getattr(teacher, key) != value for key, value in overrides.items())
 
 
+def test_quickstart_config_distills_what_the_quickstart_does():
+    """quickstart_lm.yaml names the teacher `hf-kd quickstart` saves and repeats its KD student's design."""
+    import argparse
+
+    from hf_kd import quickstart
+
+    config = yaml.safe_load((ROOT / "recipes" / "configs" / "quickstart_lm.yaml").read_text())
+    parser = quickstart.add_parser(argparse.ArgumentParser().add_subparsers())
+    assert config["teacher_model_name_or_path"] == f"{parser.parse_args([]).output_dir}/teacher"
+    s = quickstart.Settings()
+    width = s.student_width
+    assert config["student_config_overrides"] == {"n_layer": s.student_layers, "n_embd": width, "n_head": width // 64}
+    assert config["dataset_name"] == "hf_kd/stdlib_docstrings" and s.task == "lm"
+    assert (config["loss"], config["alpha"], config["temperature"]) == ("forward_kl", s.alpha, s.temperature)
+    assert (config["max_steps"], config["per_device_train_batch_size"], config["block_size"]) == (
+        s.student_steps,
+        s.batch_size,
+        s.block_size,
+    )
+    assert float(config["learning_rate"]) == s.student_lr
+
+
 def test_stdlib_docstrings_routes_to_hf_kd_data(monkeypatch):
     import hf_kd.data
 
