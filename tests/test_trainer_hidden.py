@@ -67,3 +67,32 @@ def test_projection_is_trained_saved_beside_the_student_and_logged(tmp_path, tok
     reloaded = HiddenStateDistiller.from_pretrained(out, student.config, teacher.config)
     for key, value in after.items():
         torch.testing.assert_close(reloaded.state_dict()[key], value)
+
+
+def test_hidden_term_is_gradient_accumulation_exact_for_equal_rows(tmp_path, tokenizer):
+    """2 accumulated micro-batches of 2 give the same update as one batch of 4 (rows of equal length)."""
+    from datasets import Dataset
+
+    vocab = len(tokenizer)
+    rows = [tokenizer(s)["input_ids"] for s in ["the cat sees a dog", "a big red car runs", "the sun and the moon",
+                                                "fish eat the green tree"]]  # fmt: skip
+    assert len({len(r) for r in rows}) == 1
+    data = Dataset.from_dict({"input_ids": rows})
+
+    def one_step(batch, accumulation):
+        student, teacher = tiny_gpt2(vocab, seed=1, n_embd=32), tiny_gpt2(vocab, seed=2, n_embd=48, n_layer=4)
+        args = config(
+            tmp_path / f"{batch}x{accumulation}", per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation, max_steps=1, optim="sgd", learning_rate=1.0,
+            lr_scheduler_type="constant", max_grad_norm=0.0, hidden_state_loss_weight=2.0,
+        )  # fmt: skip
+        trainer = DistillationTrainer(
+            model=student, teacher_model=teacher, args=args, train_dataset=data, processing_class=tokenizer,
+            data_collator=lm_collator(tokenizer),
+        )  # fmt: skip
+        trainer.train()
+        return {**dict(student.named_parameters()), **dict(trainer.hidden_distiller.named_parameters())}
+
+    full, accumulated = one_step(4, 1), one_step(2, 2)
+    for name, value in full.items():
+        torch.testing.assert_close(accumulated[name], value, rtol=1e-5, atol=1e-5, msg=name)
