@@ -69,7 +69,7 @@ def tiny_gpt2(vocab_size: int, seed: int = 0, n_layer: int = 2, n_embd: int = 32
     return GPT2LMHeadModel(config)
 
 
-def tiny_t5(vocab_size: int, seed: int = 0, d_model: int = 32, num_layers: int = 2, dropout: float = 0.0):
+def tiny_t5(vocab_size: int, seed: int = 0, d_model: int = 32, num_layers: int = 2, dropout: float = 0.0, **overrides):
     torch.manual_seed(seed)
     config = T5Config(
         vocab_size=vocab_size,
@@ -83,6 +83,7 @@ def tiny_t5(vocab_size: int, seed: int = 0, d_model: int = 32, num_layers: int =
         eos_token_id=1,
         decoder_start_token_id=0,
         dropout_rate=dropout,
+        **overrides,
     )
     return T5ForConditionalGeneration(config)
 

@@ -121,27 +121,9 @@ def _models():
     return {
         "gpt2": lambda: (tiny_gpt2(45, seed=0), tiny_gpt2(45, seed=1)),
         "t5_tied": lambda: (tiny_t5(45, seed=0), tiny_t5(45, seed=1)),
-        "t5_untied": lambda: (_untied_t5(45, seed=0), tiny_t5(45, seed=1)),
+        "t5_untied": lambda: (tiny_t5(45, seed=0, tie_word_embeddings=False), tiny_t5(45, seed=1)),
         "bart": lambda: (_bart_with_bias(45, seed=0), tiny_bart(45, seed=1)),
     }
-
-
-def _untied_t5(vocab: int, seed: int):
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    torch.manual_seed(seed)
-    config = T5Config(
-        vocab_size=vocab,
-        d_model=32,
-        d_kv=8,
-        d_ff=64,
-        num_layers=2,
-        num_heads=2,
-        dropout_rate=0.0,
-        tie_word_embeddings=False,
-    )
-    config.decoder_start_token_id = 0
-    return T5ForConditionalGeneration(config)
 
 
 def _bart_with_bias(vocab: int, seed: int):
