@@ -7,7 +7,11 @@ tokens whose first 16 are an unscored prompt), then times one optimizer step of 
 * ``ce_only``: fetch rows, collate, student forward, cross-entropy, backward, AdamW step;
 * ``online_kd``: the same plus the teacher's forward and the dense forward KL of hf_kd.losses;
 * ``cache_kd``: the same as ce_only but the rows carry cache columns and the loss is the k + 1 bucket forward KL
-  of hf_kd.sparse (no teacher in memory); ``cache_kd_uniform``: the same with ``tail_treatment="uniform"``.
+  of hf_kd.sparse (no teacher in memory), through the trainer's default path (hf_kd.chunked with
+  :class:`~hf_kd.sparse.TopKRows`: closed-form gradient, no slice of the logits);
+  ``cache_kd_uniform`` / ``cache_kd_sampled``: the same with the uniform tail / the sampled tail (a cache with
+  64 tail samples per target); ``cache_kd_reference``: the unchunked autograd reference
+  (``sparse_distillation_loss`` on sliced logits), what the trainer did before.
 
 The three variants are interleaved step by step (the CPU is shared, so load drifts) and the median is reported.
 Results go to ``benchmarks/results/cache_cpu.json`` and ``cache_cpu.md``.
@@ -38,7 +42,9 @@ from transformers import DataCollatorForSeq2Seq, GPT2Config, GPT2LMHeadModel, Pr
 
 from hf_kd.cache import build_teacher_cache, cache_size  # noqa: E402
 from hf_kd.cached_teacher import BATCH_KEY, CachedTeacher  # noqa: E402
+from hf_kd.chunked import chunked_distillation_loss  # noqa: E402
 from hf_kd.losses import distillation_loss  # noqa: E402
+from hf_kd.sparse import TopKRows  # noqa: E402
 
 WORKLOAD = {
     "vocab": 50257,
@@ -76,20 +82,28 @@ def rows(w: dict[str, Any]) -> Dataset:
     )
 
 
-def measure_size(teacher: GPT2LMHeadModel, tok: Any, data: Dataset, k: int, folder: Path) -> dict[str, float]:
+def measure_size(
+    teacher: GPT2LMHeadModel, tok: Any, data: Dataset, k: int, folder: Path, tail_samples: int = 0
+) -> dict[str, float]:
     start = time.perf_counter()
-    build_teacher_cache(teacher, data, folder, tokenizer=tok, k=k, batch_size=8, shard_size=32)
+    build_teacher_cache(
+        teacher, data, folder, tokenizer=tok, k=k, batch_size=8, shard_size=32, tail_samples=tail_samples
+    )
     seconds = time.perf_counter() - start
     return {**cache_size(folder), "build_s": seconds, "build_rows_per_s": len(data) / seconds}
 
 
-def step_functions(w: dict[str, Any], data: Dataset, cache: CachedTeacher, tok: Any) -> dict[str, Any]:
+def step_functions(
+    w: dict[str, Any], data: Dataset, cache: CachedTeacher, sampled_cache: CachedTeacher, tok: Any
+) -> dict[str, Any]:
     student = tiny_gpt2(w["vocab"], w["seq"], seed=0, **w["student"])
     teacher = tiny_gpt2(w["vocab"], w["seq"], seed=1, **w["teacher"]).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
     collate = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
     cached_rows = cache.attach(data, tokenizer=tok)
     cache_collate = cache.collator(collate)
+    sampled_rows = sampled_cache.attach(data, tokenizer=tok)
+    sampled_collate = sampled_cache.collator(collate)
     state = {"i": 0}
 
     def indices() -> list[int]:
@@ -114,21 +128,29 @@ def step_functions(w: dict[str, Any], data: Dataset, cache: CachedTeacher, tok: 
             teacher_logits = teacher(**batch).logits[:, :-1]
         finish(distillation_loss(logits, teacher_logits, labels, alpha=0.5).loss)
 
-    def cache_kd() -> None:
+    def from_cache(rows: Dataset, collator: Any, tail: str) -> None:
+        # As DistillationTrainer does: the full logits, labels padded to their length (no slice, no copy).
+        batch = collator([rows[i] for i in indices()])
+        topk = TopKRows.from_batch(batch.pop(BATCH_KEY), tail)
+        labels = torch.nn.functional.pad(batch.pop("labels")[:, 1:], (0, 1), value=-100)
+        logits = student(**batch).logits
+        finish(chunked_distillation_loss(logits, topk, labels, alpha=0.5).loss)
+
+    def cache_kd_reference() -> None:
         batch = cache_collate([cached_rows[i] for i in indices()])
         rows_ = batch.pop(BATCH_KEY)
         labels = batch.pop("labels")[:, 1:]
         logits = student(**batch).logits[:, :-1]
         finish(cache.loss(logits, rows_, labels, alpha=0.5, temperature=1.0).loss)
 
-    def cache_kd_uniform() -> None:
-        batch = cache_collate([cached_rows[i] for i in indices()])
-        rows_ = batch.pop(BATCH_KEY)
-        labels = batch.pop("labels")[:, 1:]
-        logits = student(**batch).logits[:, :-1]
-        finish(cache.loss(logits, rows_, labels, alpha=0.5, temperature=1.0, tail_treatment="uniform").loss)
-
-    return {"ce_only": ce_only, "online_kd": online_kd, "cache_kd": cache_kd, "cache_kd_uniform": cache_kd_uniform}
+    return {
+        "ce_only": ce_only,
+        "online_kd": online_kd,
+        "cache_kd": lambda: from_cache(cached_rows, cache_collate, "bucket"),
+        "cache_kd_uniform": lambda: from_cache(cached_rows, cache_collate, "uniform"),
+        "cache_kd_sampled": lambda: from_cache(sampled_rows, sampled_collate, "sampled"),
+        "cache_kd_reference": cache_kd_reference,
+    }
 
 
 def time_steps(steps: dict[str, Any], warmup: int, repeats: int) -> dict[str, dict[str, float]]:
@@ -154,10 +176,10 @@ def markdown(result: dict[str, Any]) -> str:
         "2x128, teacher 4x256, batch 4. Target: <= 400 bytes per target token at k = 64; a cache step <= 1.10x "
         "a CE-only step.",
         "",
-        "| k | bytes / target token | cache build (rows/s) |",
+        "| k (+ tail samples) | bytes / target token | cache build (rows/s) |",
         "|---|---|---|",
     ]
-    for k, entry in sorted(size.items(), key=lambda item: int(item[0])):
+    for k, entry in sorted(size.items(), key=lambda item: int(item[0].split("+")[0]) + len(item[0]) / 100):
         lines.append(f"| {k} | {entry['bytes_per_target_token']:.1f} | {entry['build_rows_per_s']:.1f} |")
     lines += ["", "| variant | median step (ms) | vs CE-only |", "|---|---|---|"]
     for name, entry in steps.items():
@@ -182,12 +204,13 @@ def main(argv: list[str] | None = None) -> int:
         # The training cache (k = 64, every row), then the other k on a few rows: bytes per token barely
         # depend on the row count (only the per-row list offsets do).
         sizes["64"] = measure_size(teacher, tok, data, 64, Path(tmp) / "train")
+        sizes["64+64"] = measure_size(teacher, tok, data, 64, Path(tmp) / "sampled", tail_samples=64)
         for k in [k for k in args.ks if k != 64]:
             sizes[str(k)] = measure_size(teacher, tok, data.select(range(args.size_rows)), k, Path(tmp) / f"k{k}")
         for k, entry in sizes.items():
             print(f"k={k}: {entry['bytes_per_target_token']:.1f} bytes per target token", flush=True)
-        cache = CachedTeacher(Path(tmp) / "train")
-        steps = time_steps(step_functions(w, data, cache, tok), args.warmup, args.repeats)
+        cache, sampled = CachedTeacher(Path(tmp) / "train"), CachedTeacher(Path(tmp) / "sampled")
+        steps = time_steps(step_functions(w, data, cache, sampled, tok), args.warmup, args.repeats)
     result = {
         "command": "python benchmarks/cache_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "workload": w,

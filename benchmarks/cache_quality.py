@@ -6,20 +6,21 @@ order and steps are trained on the same training blocks and scored by test perpl
 
 * ``ce``: cross-entropy on the data;
 * ``kd_online``: DistillationTrainer, forward KL (alpha 0, T 1) against the live teacher;
-* ``kd_cache_k64``: the same loss from a k = 64 top-k cache (hf_kd.cache), k + 1 bucket forward KL;
+* ``kd_cache_k<K>[_s<M>][_uniform]``: the same loss from a top-K cache (hf_kd.cache) through
+  ``DistillationTrainer(teacher_cache=...)``: the k + 1 bucket forward KL; with ``_s<M>`` the cache also holds M
+  tail samples per target and the loss uses the unbiased sampled tail; with ``_uniform`` the uniform tail;
 * ``seqkd``: cross-entropy on the teacher's greedy continuations of each block's first 16 tokens
   (hf_kd.pseudo_label), the block's text after them replaced.
 
-Until DistillationTrainer accepts ``teacher_cache=``, the cached run uses :class:`CachedKD` below, a subclass
-written the way /work/notes/cache_integration.md proposes. Results: benchmarks/results/cache_quality.json / .md.
+Results: benchmarks/results/cache_quality.json / .md.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -34,62 +35,10 @@ from transformers import AutoTokenizer, GPT2LMHeadModel, Trainer  # noqa: E402
 
 from hf_kd import DistillationConfig, DistillationTrainer  # noqa: E402
 from hf_kd import quickstart as qs  # noqa: E402
-from hf_kd.cache import build_teacher_cache  # noqa: E402
-from hf_kd.cached_teacher import BATCH_KEY, CACHE_COLUMNS, CachedTeacher  # noqa: E402
+from hf_kd.cache import build_teacher_cache, cache_size  # noqa: E402
+from hf_kd.cached_teacher import CachedTeacher  # noqa: E402
 from hf_kd.metrics import perplexity  # noqa: E402
 from hf_kd.pseudo_label import assemble, generate_pseudo_labels  # noqa: E402
-
-
-class CachedKD(DistillationTrainer):
-    """DistillationTrainer whose teacher is a top-k cache (prototype of the proposed integration)."""
-
-    def __init__(
-        self,
-        *,
-        model: Any,
-        teacher_cache: CachedTeacher,
-        args: Any,
-        processing_class: Any,
-        tail_treatment: str = "bucket",
-        **kwargs: Any,
-    ):
-        self.tail_treatment = tail_treatment
-        teacher_cache.check_temperature(args.temperature)
-        teacher_cache.check_student(model)
-        self.teacher_cache = teacher_cache
-        kwargs["train_dataset"] = teacher_cache.attach(kwargs["train_dataset"], tokenizer=processing_class)
-        kwargs["data_collator"] = teacher_cache.collator(kwargs["data_collator"])
-        # The live-teacher constructor needs a teacher; a copy of the student stands in and is never called.
-        super().__init__(
-            model=model, teacher_model=copy.deepcopy(model), args=args, processing_class=processing_class, **kwargs
-        )
-        self.vocab_size = teacher_cache.vocab_size
-
-    def _set_signature_columns_if_needed(self) -> None:
-        super()._set_signature_columns_if_needed()
-        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *CACHE_COLUMNS]))
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001, ANN201
-        rows = inputs.pop(BATCH_KEY)
-        targets = self._targets(inputs)
-        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        outputs = model(**model_inputs, use_cache=False)
-        logits = outputs.logits[..., : self.vocab_size]
-        logits = logits if self.is_encoder_decoder else logits[:, :-1]
-        result = self.teacher_cache.loss(
-            logits,
-            rows,
-            targets,
-            loss=self.args.loss,
-            temperature=self.args.temperature,
-            alpha=self.args.alpha,
-            beta=self.args.beta,
-            skew=self.args.skew,
-            num_items_in_batch=num_items_in_batch if model.training else None,
-            tail_treatment=self.tail_treatment,
-        )
-        self._accumulate("train" if model.training else "eval", result)  # the trainer's own logging sums
-        return (result.loss, outputs) if return_outputs else result.loss
 
 
 def training_args(output_dir: Path, settings: Any, **extra: Any) -> DistillationConfig:
@@ -195,16 +144,18 @@ def main(argv: list[str] | None = None) -> int:
         elif variant == "kd_online":
             targs = training_args(work / variant, settings, **kd)
             trainer = DistillationTrainer(teacher_model=teacher, args=targs, train_dataset=train, **common)
-        elif variant.startswith("kd_cache_k"):  # kd_cache_k<K> (bucket tail) or kd_cache_k<K>_uniform
-            k = int(variant.removeprefix("kd_cache_k").removesuffix("_uniform"))
-            tail = "uniform" if variant.endswith("_uniform") else "bucket"
+        elif match := re.fullmatch(r"kd_cache_k(\d+)(?:_s(\d+))?(_uniform)?", variant):
+            k, samples = int(match[1]), int(match[2] or 0)
+            tail = "uniform" if match[3] else ("sampled" if samples else "bucket")
+            folder = work / f"cache_k{k}" if not samples else work / f"cache_k{k}_s{samples}"
             t0 = time.perf_counter()
-            build_teacher_cache(teacher, train, work / f"cache_k{k}", tokenizer=tokenizer, k=k, batch_size=64)
+            build_teacher_cache(teacher, train, folder, tokenizer=tokenizer, k=k, batch_size=64, tail_samples=samples)
             extra["cache_build_s"] = time.perf_counter() - t0
-            cache = CachedTeacher(work / f"cache_k{k}")
+            cache = CachedTeacher(folder)
             extra["teacher_top_k_mass"] = top_k_mass(cache)
-            targs = training_args(work / variant, settings, **kd)
-            trainer = CachedKD(teacher_cache=cache, args=targs, train_dataset=train, tail_treatment=tail, **common)
+            extra["bytes_per_target_token"] = cache_size(folder)["bytes_per_target_token"]
+            targs = training_args(work / variant, settings, teacher_cache_tail=tail, **kd)
+            trainer = DistillationTrainer(teacher_cache=cache, args=targs, train_dataset=train, **common)
         elif variant == "seqkd":
             t0 = time.perf_counter()
             rows = seqkd_rows(teacher, tokenizer, train, settings, work / "pseudo", prompt=16)
@@ -247,15 +198,16 @@ def markdown(report: dict[str, Any]) -> str:
         f"{s['student_layers']}x{s['student_width']}, same seed and data order; alpha 0, T 1 for the KD students; "
         f"{report['test_rows']} test blocks.",
         "",
-        "| model | test perplexity | vs online KD | teacher mass in top-k | seconds |",
-        "|---|---|---|---|---|",
+        "| model | test perplexity | vs online KD | teacher mass in top-k | bytes / target token | seconds |",
+        "|---|---|---|---|---|---|",
     ]
     for name, entry in results.items():
         ppl = entry["test_perplexity"]
         gap = f"{100 * (ppl - online) / online:+.1f}%" if online and name.startswith("kd_cache") else ""
         mass = f"{entry['teacher_top_k_mass']:.3f}" if "teacher_top_k_mass" in entry else ""
         seconds = f"{entry['seconds']:.0f}" if "seconds" in entry else ""
-        lines.append(f"| {name} | {ppl:.2f} | {gap} | {mass} | {seconds} |")
+        size = f"{entry['bytes_per_target_token']:.0f}" if "bytes_per_target_token" in entry else ""
+        lines.append(f"| {name} | {ppl:.2f} | {gap} | {mass} | {size} | {seconds} |")
     return "\n".join(lines) + "\n"
 
 

@@ -7,7 +7,11 @@ them) the cache row of an example holds, flattened in target order:
 * ``topk_ids``: the teacher's ``k`` most likely token ids, most likely first (uint16 when the vocabulary fits);
 * ``topk_logprobs``: their log-probabilities at the cache's temperature (float16);
 * ``tail_logmass``: ``log(1 - sum of the top-k probabilities)``, the teacher's mass on all other tokens
-  (float32; computed as a log-sum-exp over the other tokens, so it is exact even when the tail is tiny).
+  (float32; computed as a log-sum-exp over the other tokens, so it is exact even when the tail is tiny);
+* with ``tail_samples = m > 0`` also ``tail_ids``: ``m`` tokens drawn with replacement from the teacher's tail
+  (its distribution outside the top-k, renormalised; seeded, so a resumed run draws the same), and
+  ``tail_plogp``: the tail's ``sum p log p`` (float32). They make the unbiased ``"sampled"`` tail treatment of
+  :mod:`hf_kd.sparse` possible, for 2 bytes per sample.
 
 The cache is a sharded, resumable :mod:`hf_kd.shards` folder; its fingerprint names the teacher (config and
 weights hashes), the tokenizer (vocabulary hash), the data set (content hash of the columns the teacher
@@ -83,8 +87,17 @@ def dataset_hash(dataset: Dataset, columns: tuple[str, ...] = INPUT_COLUMNS) -> 
 
 
 def cache_fingerprint(
-    teacher: nn.Module, tokenizer: Any, dataset: Dataset, k: int, temperature: float, vocab_size: int
+    teacher: nn.Module,
+    tokenizer: Any,
+    dataset: Dataset,
+    k: int,
+    temperature: float,
+    vocab_size: int,
+    tail_samples: int = 0,
+    seed: int = 0,
 ) -> dict[str, Any]:
+    # Tail-sample keys only when used: caches made before they existed keep their fingerprint (and resume).
+    tail = {"tail_samples": tail_samples, "tail_seed": seed} if tail_samples else {}
     return {
         "kind": CACHE_KIND,
         "teacher_config_sha256": config_hash(teacher),
@@ -97,6 +110,7 @@ def cache_fingerprint(
         "temperature": float(temperature),
         "vocab_size": vocab_size,
         "is_encoder_decoder": bool(getattr(teacher.config, "is_encoder_decoder", False)),
+        **tail,
     }
 
 
@@ -127,11 +141,32 @@ def collate_for_teacher(rows: list[dict[str, Any]], pad_token_id: int, is_encode
     return {"inputs": batch, "targets": labels if is_encoder_decoder else labels[:, 1:]}
 
 
+def sample_tail(
+    lp: torch.Tensor, top_ids: torch.Tensor, m: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``m`` token ids drawn with replacement from each row's distribution outside ``top_ids``, and that tail's
+    ``sum p log p``, from the full log-probabilities ``lp [N, V]``."""
+    p_tail = lp.exp().scatter_(-1, top_ids, 0.0)
+    plogp = (p_tail * lp).sum(-1)
+    empty = p_tail.sum(-1) <= 0  # a tail that underflowed in float32: its weight is ~0, any draw will do
+    if empty.any():
+        p_tail[empty] = torch.ones_like(p_tail[empty]).scatter_(-1, top_ids[empty], 0.0)
+    return torch.multinomial(p_tail, m, replacement=True, generator=generator), plogp
+
+
 @torch.no_grad()
 def teacher_topk(
-    teacher: nn.Module, inputs: dict[str, torch.Tensor], targets: torch.Tensor, k: int, temperature: float, vocab: int
+    teacher: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    targets: torch.Tensor,
+    k: int,
+    temperature: float,
+    vocab: int,
+    tail_samples: int = 0,
+    generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Top-k ids and log-probabilities and the tail log-mass at every target position, in row-major order."""
+    """Top-k ids and log-probabilities and the tail log-mass at every target position, in row-major order;
+    with ``tail_samples`` also the tail samples and ``sum p log p`` (see :func:`sample_tail`)."""
     inputs = dict(inputs)
     if getattr(teacher.config, "is_encoder_decoder", False) and "decoder_input_ids" not in inputs:
         inputs["decoder_input_ids"] = teacher.prepare_decoder_input_ids_from_labels(labels=targets)
@@ -141,6 +176,8 @@ def teacher_topk(
     mask = targets.ne(IGNORE_INDEX)
     rows = logits[mask][:, :vocab]
     parts: dict[str, list[torch.Tensor]] = {"topk_ids": [], "topk_logprobs": [], "tail_logmass": []}
+    if tail_samples:
+        parts.update(tail_ids=[], tail_plogp=[])
     # Row chunks bound the float32 copies to ROW_CHUNK x vocab, whatever the batch (large vocabularies).
     for start in range(0, rows.shape[0], ROW_CHUNK):
         lp = log_probs(rows[start : start + ROW_CHUNK], temperature)
@@ -151,27 +188,33 @@ def teacher_topk(
         parts["topk_ids"].append(top_ids)
         parts["topk_logprobs"].append(top_lp)
         parts["tail_logmass"].append(tail)
-    out = {name: torch.cat(values) if values else _empty(name, k, rows) for name, values in parts.items()}
+        if tail_samples:
+            ids, plogp = sample_tail(lp, top_ids, tail_samples, generator)
+            parts["tail_ids"].append(ids)
+            parts["tail_plogp"].append(plogp)
+    widths = {"topk_ids": k, "topk_logprobs": k, "tail_ids": tail_samples}
+    out = {name: torch.cat(values) if values else _empty(name, widths, rows) for name, values in parts.items()}
     return {"target_ids": targets[mask], **out}
 
 
-def _empty(name: str, k: int, rows: torch.Tensor) -> torch.Tensor:
+def _empty(name: str, widths: dict[str, int], rows: torch.Tensor) -> torch.Tensor:
     """A batch without any target token still yields correctly shaped (empty) columns."""
-    if name == "tail_logmass":
+    if name not in widths:
         return rows.new_zeros(0, dtype=torch.float32)
-    return rows.new_zeros((0, k), dtype=torch.long if name == "topk_ids" else torch.float32)
+    return rows.new_zeros((0, widths[name]), dtype=torch.long if name.endswith("_ids") else torch.float32)
 
 
-def cache_features(vocab_size: int) -> Features:
+def cache_features(vocab_size: int, tail_samples: int = 0) -> Features:
     id_type = "uint16" if vocab_size <= np.iinfo(np.uint16).max + 1 else "int32"
-    return Features(
-        {
-            "target_ids": Sequence(Value(id_type)),
-            "topk_ids": Sequence(Value(id_type)),
-            "topk_logprobs": Sequence(Value("float16")),
-            "tail_logmass": Sequence(Value("float32")),
-        }
-    )
+    features = {
+        "target_ids": Sequence(Value(id_type)),
+        "topk_ids": Sequence(Value(id_type)),
+        "topk_logprobs": Sequence(Value("float16")),
+        "tail_logmass": Sequence(Value("float32")),
+    }
+    if tail_samples:
+        features.update(tail_ids=Sequence(Value(id_type)), tail_plogp=Sequence(Value("float32")))
+    return Features(features)
 
 
 def _rows_to_dataset(per_row: list[dict[str, np.ndarray]], features: Features) -> Dataset:
@@ -188,10 +231,12 @@ def _rows_to_dataset(per_row: list[dict[str, np.ndarray]], features: Features) -
 def _shard_maker(teacher: nn.Module, dataset: Dataset, settings: dict[str, Any]):  # noqa: ANN202
     device = next(teacher.parameters()).device
     is_ed = bool(getattr(teacher.config, "is_encoder_decoder", False))
-    features = cache_features(settings["vocab_size"])
+    features = cache_features(settings["vocab_size"], settings["tail_samples"])
 
     def make_shard(start: int, end: int, progress: Any) -> Dataset:
         rows = dataset.select(range(start, end))
+        # Seeded per shard: a resumed run redraws the same tail samples for the shards it makes again.
+        generator = torch.Generator(device=device).manual_seed(settings["seed"] * 1_000_003 + start)
         # Batches of similar length waste less compute on padding; results go back to row order below.
         lengths = [len(r) + (len(lab) if is_ed else 0) for r, lab in _lengths(rows, is_ed)]
         order = sorted(range(len(rows)), key=lambda i: -lengths[i])
@@ -201,7 +246,10 @@ def _shard_maker(teacher: nn.Module, dataset: Dataset, settings: dict[str, Any])
             batch = collate_for_teacher([rows[i] for i in ids], settings["pad_token_id"], is_ed)
             inputs = {key: value.to(device) for key, value in batch["inputs"].items()}
             targets = batch["targets"].to(device)
-            out = teacher_topk(teacher, inputs, targets, settings["k"], settings["temperature"], settings["vocab_size"])
+            out = teacher_topk(
+                teacher, inputs, targets, settings["k"], settings["temperature"], settings["vocab_size"],
+                settings["tail_samples"], generator,
+            )  # fmt: skip
             counts = batch["targets"].ne(IGNORE_INDEX).sum(1).tolist()
             out = {name: value.cpu().numpy() for name, value in out.items()}
             offset = 0
@@ -231,28 +279,35 @@ def build_teacher_cache(
     shard_size: int = 1000,
     overwrite: bool = False,
     on_shard: Any = None,
+    tail_samples: int = 0,
+    seed: int = 0,
 ) -> Path:
     """Run ``teacher`` over ``dataset`` (rows with ``input_ids`` and, for encoder-decoders, ``labels``) and
     write its top-``k`` cache to ``output_dir``; resumes an interrupted run with the same inputs.
 
     ``tokenizer`` fixes the vocabulary size (the logits are cut to ``len(tokenizer)``, as the trainer cuts them
     to the shared vocabulary) and is fingerprinted; ``temperature`` is baked into the stored log-probabilities.
+    ``tail_samples`` tokens per target are also drawn from the teacher's tail (``seed`` seeds them), for the
+    unbiased ``"sampled"`` tail treatment of :mod:`hf_kd.sparse`.
     """
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be positive.")
     vocab_size = len(tokenizer) if tokenizer is not None else int(teacher.get_output_embeddings().weight.shape[0])
     if not 1 <= k <= vocab_size:
         raise ValueError(f"k={k} must be between 1 and the vocabulary size {vocab_size}.")
+    if tail_samples < 0 or (tail_samples and k == vocab_size):
+        raise ValueError(f"tail_samples={tail_samples}: use 0, or a positive count with k below the vocabulary size.")
     pad = getattr(tokenizer, "pad_token_id", None)
     pad = pad if pad is not None else getattr(teacher.config, "pad_token_id", None) or 0
     settings = {"k": k, "temperature": temperature, "vocab_size": vocab_size, "batch_size": batch_size}
+    settings.update(tail_samples=tail_samples, seed=seed)
     settings["pad_token_id"] = pad
     was_training = teacher.training
     teacher.eval()
     try:
         write_sharded(
             output_dir,
-            cache_fingerprint(teacher, tokenizer, dataset, k, temperature, vocab_size),
+            cache_fingerprint(teacher, tokenizer, dataset, k, temperature, vocab_size, tail_samples, seed),
             len(dataset),
             shard_size,
             _shard_maker(teacher, dataset, settings),
@@ -292,6 +347,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer", default=None, help="Tokenizer folder (default: the teacher's).")
     parser.add_argument("--k", type=int, default=64, help="Teacher tokens kept per position (default 64).")
     parser.add_argument("--temperature", type=float, default=1.0, help="Softmax temperature of the cache.")
+    parser.add_argument(
+        "--tail-samples",
+        type=int,
+        default=0,
+        help="Also draw this many tokens per position from the teacher's tail (2 bytes each), for the unbiased "
+        "'sampled' tail treatment (default 0: none).",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the tail samples.")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--shard-size", type=int, default=1000, help="Rows per resumable shard.")
     parser.add_argument("--device", default=None, help="cuda, cpu ... (default: cuda when available).")
@@ -340,6 +403,8 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         shard_size=args.shard_size,
         overwrite=args.overwrite,
+        tail_samples=args.tail_samples,
+        seed=args.seed,
     )
     size = cache_size(path)
     per_token = size["bytes_per_target_token"]

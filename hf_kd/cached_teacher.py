@@ -21,11 +21,12 @@ from datasets import Dataset, concatenate_datasets
 from hf_kd.cache import CACHE_KIND, dataset_hash, tokenizer_hash
 from hf_kd.losses import DistillationLossOutput
 from hf_kd.shards import ShardError, load_sharded
-from hf_kd.sparse import sparse_distillation_loss
+from hf_kd.sparse import check_tail_treatment, sparse_distillation_loss
 
 PREFIX = "teacher_"
 CACHE_FIELDS = ("target_ids", "topk_ids", "topk_logprobs", "tail_logmass")
-CACHE_COLUMNS = tuple(PREFIX + name for name in CACHE_FIELDS)
+TAIL_SAMPLE_FIELDS = ("tail_ids", "tail_plogp")
+CACHE_COLUMNS = tuple(PREFIX + name for name in CACHE_FIELDS + TAIL_SAMPLE_FIELDS)
 BATCH_KEY = "teacher_cache"
 
 
@@ -51,11 +52,13 @@ class CachedTeacher:
         self.temperature: float = self.fingerprint["temperature"]
         self.vocab_size: int = self.fingerprint["vocab_size"]
         self.is_encoder_decoder: bool = self.fingerprint["is_encoder_decoder"]
+        self.tail_samples: int = self.fingerprint.get("tail_samples", 0)
+        self.fields = CACHE_FIELDS + (TAIL_SAMPLE_FIELDS if self.tail_samples else ())
 
     def __repr__(self) -> str:
         return (
-            f"CachedTeacher({self.path!r}, rows={len(self.data)}, k={self.k}, temperature={self.temperature}, "
-            f"teacher={self.fingerprint.get('teacher_name')!r})"
+            f"CachedTeacher({self.path!r}, rows={len(self.data)}, k={self.k}, tail_samples={self.tail_samples}, "
+            f"temperature={self.temperature}, teacher={self.fingerprint.get('teacher_name')!r})"
         )
 
     # ---- checks ---------------------------------------------------------------------------------------
@@ -98,6 +101,19 @@ class CachedTeacher:
                 f"The student's output layer has {width} columns but the cache's vocabulary has {self.vocab_size}."
             )
 
+    def tail_treatment(self, requested: str, loss: str) -> str:
+        """The tail treatment to train with: ``"auto"`` is ``"sampled"`` when the cache has tail samples (an
+        unbiased estimate, forward KL only), else ``"bucket"``; a request the cache or loss cannot serve fails."""
+        if requested == "auto":
+            requested = "sampled" if self.tail_samples and loss == "forward_kl" else "bucket"
+        if requested == "sampled" and not self.tail_samples:
+            raise CacheMismatchError(
+                f"teacher_cache_tail='sampled' needs tail samples, and {self.path} has none: rebuild it with "
+                "`hf-kd cache-teacher --tail-samples 64`, or use 'bucket' or 'uniform'."
+            )
+        check_tail_treatment(requested, loss)
+        return requested
+
     # ---- joining and collating ------------------------------------------------------------------------
 
     def attach(self, dataset: Dataset, tokenizer: Any = None) -> Dataset:
@@ -107,14 +123,13 @@ class CachedTeacher:
         """
         self.check_dataset(dataset)
         self.check_tokenizer(tokenizer)
-        cache = self.data.rename_columns({name: PREFIX + name for name in CACHE_FIELDS}).select_columns(
-            list(CACHE_COLUMNS)
-        )
+        columns = [PREFIX + name for name in self.fields]
+        cache = self.data.rename_columns({name: PREFIX + name for name in self.fields}).select_columns(columns)
         joined = concatenate_datasets([dataset.remove_columns(_present(dataset, CACHE_COLUMNS)), cache], axis=1)
-        return joined.with_format("numpy", columns=list(CACHE_COLUMNS), output_all_columns=True)
+        return joined.with_format("numpy", columns=columns, output_all_columns=True)
 
     def collator(self, base: Callable[[list[dict[str, Any]]], dict[str, Any]]) -> CacheCollator:
-        return CacheCollator(base=base, k=self.k)
+        return CacheCollator(base=base, k=self.k, tail_samples=self.tail_samples)
 
     def loss(
         self, student_logits: torch.Tensor, cache_batch: dict[str, torch.Tensor], labels: torch.Tensor, **kwargs: Any
@@ -146,15 +161,17 @@ class CacheCollator:
 
     base: Callable[[list[dict[str, Any]]], dict[str, Any]]
     k: int
+    tail_samples: int = 0
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         if not features or PREFIX + CACHE_FIELDS[0] not in features[0]:
             return self.base(features)  # rows without a cache (e.g. an evaluation set): the plain batch
-        parts = {name: [] for name in CACHE_FIELDS}
+        fields = CACHE_FIELDS + (TAIL_SAMPLE_FIELDS if self.tail_samples else ())
+        parts = {name: [] for name in fields}
         rest = []
         for feature in features:
             feature = dict(feature)
-            for name in CACHE_FIELDS:
+            for name in fields:
                 parts[name].append(np.asarray(feature.pop(PREFIX + name)))
             rest.append(feature)
         batch = self.base(rest)
@@ -166,4 +183,7 @@ class CacheCollator:
             "topk_logprobs": torch.from_numpy(flat["topk_logprobs"].astype(np.float16)).view(-1, self.k),
             "tail_logmass": torch.from_numpy(flat["tail_logmass"].astype(np.float32)),
         }
+        if self.tail_samples:
+            ids = torch.from_numpy(flat["tail_ids"].astype(np.int64)).view(-1, self.tail_samples)
+            batch[BATCH_KEY].update(tail_ids=ids, tail_plogp=torch.from_numpy(flat["tail_plogp"].astype(np.float32)))
         return batch

@@ -9,6 +9,9 @@ intermediates are freed before the next chunk; backward only scales the buffer. 
 
 With :func:`fused_distillation_loss` the student's logits are not an input at all: the output layer is applied
 to one chunk of hidden states at a time and its gradients (hidden states, weight, bias) accumulate per chunk.
+
+Both take either the teacher's logits or a top-k cache's rows (:class:`hf_kd.sparse.TopKRows`); only the
+per-chunk math differs (:func:`hf_kd.sparse.topk_chunk_loss`), the chunking and bookkeeping are shared.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from hf_kd.losses import (
     get_divergence,
     log_probs,
 )
+from hf_kd.sparse import TopKRows, check_rows, check_tail_treatment, topk_chunk_loss
 
 DEFAULT_CHUNK_SIZE = 1024
 
@@ -109,6 +113,30 @@ def _forward_kl_closed_form(
     return total, kd, ce, grad
 
 
+def _loss_and_grad(
+    logits: torch.Tensor, teacher: torch.Tensor | TopKRows, ids: torch.Tensor, s: _Settings, need_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One chunk's loss, KD and CE sums, and (when ``need_grad``) the gradient with respect to its logits.
+
+    Differentiating with respect to the chunk's logits only keeps the projection's gradients (fused path) to
+    matrix products accumulated in place, never per-chunk tensors of the weight's size.
+    """
+    if isinstance(teacher, TopKRows):
+        return topk_chunk_loss(
+            logits, teacher, ids, divergence=s.divergence, temperature=s.temperature, alpha=s.alpha,
+            normalizer=s.normalizer, need_grad=need_grad,
+        )  # fmt: skip
+    if not need_grad:
+        return (*_chunk_loss(logits, teacher, ids, s), None)
+    if s.divergence is forward_kl:
+        return _forward_kl_closed_form(logits, teacher, ids, s)
+    with torch.enable_grad():
+        z = logits.detach().requires_grad_(True)
+        total, kd, ce = _chunk_loss(z, teacher, ids, s)
+        (g,) = torch.autograd.grad(total, z)
+    return total, kd, ce, g
+
+
 # A run of at least this many consecutive target rows becomes chunks of its own, read as views of the input; shorter
 # runs (or scattered targets) are packed together and gathered, so that tiny chunks never multiply.
 MIN_RUN = 64
@@ -165,7 +193,7 @@ class _ChunkedDistillation(torch.autograd.Function):
     ):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         flat = inputs.reshape(-1, inputs.shape[-1])
-        teacher_is_rows = teacher.dim() == 2 and teacher.shape[0] == rows.numel()
+        teacher_is_rows = isinstance(teacher, TopKRows) or (teacher.dim() == 2 and teacher.shape[0] == rows.numel())
         if not teacher_is_rows:
             teacher = teacher.reshape(-1, teacher.shape[-1])
         grad_x = None
@@ -195,18 +223,8 @@ class _ChunkedDistillation(torch.autograd.Function):
             logits = x[:, : s.vocab_size] if w is None else F.linear(h, w.detach())
             if b is not None:
                 logits = logits + b.detach()  # as BART: the bias is added after the projection
-            if not (need_x or need_w or need_b):
-                total, kd, ce = _chunk_loss(logits, t_chunk, ids, s)
-            else:
-                # Differentiate with respect to the chunk's logits only; the projection's gradients are then
-                # matrix products accumulated in place, never per-chunk tensors of the weight's size.
-                if s.divergence is forward_kl:
-                    total, kd, ce, g = _forward_kl_closed_form(logits, t_chunk, ids, s)
-                else:
-                    with torch.enable_grad():
-                        z = logits.detach().requires_grad_(True)
-                        total, kd, ce = _chunk_loss(z, t_chunk, ids, s)
-                        (g,) = torch.autograd.grad(total, z)
+            total, kd, ce, g = _loss_and_grad(logits, t_chunk, ids, s, need_grad=need_x or need_w or need_b)
+            if g is not None:
                 if w is None:
                     grad_x[sel, : s.vocab_size] = g
                 else:
@@ -226,7 +244,9 @@ class _ChunkedDistillation(torch.autograd.Function):
             loss += total.detach()
             kd_sum += kd
             ce_sum += ce
-            agreement += (logits.argmax(-1) == t_chunk.argmax(-1)).sum()
+            # A top-k cache keeps its rows sorted: column 0 is the teacher's top-1 token.
+            top1 = t_chunk.ids[:, 0].long() if isinstance(t_chunk, TopKRows) else t_chunk.argmax(-1)
+            agreement += (logits.argmax(-1) == top1).sum()
 
         if grad_w is not None:
             full = torch.zeros_like(weight)
@@ -273,7 +293,7 @@ def _run(
     inputs: torch.Tensor,
     layer: OutputLayer | None,
     vocab: int,
-    teacher_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | TopKRows,
     labels: torch.Tensor,
     loss: str,
     temperature: float,
@@ -285,7 +305,11 @@ def _run(
 ) -> DistillationLossOutput:
     rows, target_ids = _targets(labels)
     num_tokens = int(rows.numel())
-    _check_teacher(teacher_logits, num_tokens, labels.numel(), vocab)
+    if isinstance(teacher_logits, TopKRows):
+        check_tail_treatment(teacher_logits.tail_treatment, loss, teacher_logits)
+        check_rows(teacher_logits, target_ids)
+    else:
+        _check_teacher(teacher_logits, num_tokens, labels.numel(), vocab)
     normalizer = num_items_in_batch if num_items_in_batch is not None else max(num_tokens, 1)
     settings = _Settings(
         divergence=get_divergence(loss, beta=beta, skew=skew),
@@ -306,7 +330,7 @@ def _run(
 
 def chunked_distillation_loss(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | TopKRows,
     labels: torch.Tensor,
     *,
     loss: str = "forward_kl",
@@ -322,8 +346,9 @@ def chunked_distillation_loss(
 
     Arguments are those of :func:`hf_kd.losses.distillation_loss`, with two additions that spare copies of
     the logits: ``teacher_logits`` may be only the target rows, ``[num_targets, vocab]`` in the order of the
-    flattened labels (the trainer keeps no more of the teacher), and ``vocab_size`` uses only the first
-    columns of a wider ``student_logits`` without slicing it. The gradient with respect to ``student_logits``
+    flattened labels (the trainer keeps no more of the teacher) or a top-k cache's
+    :class:`~hf_kd.sparse.TopKRows`, and ``vocab_size`` uses only the first columns of a wider
+    ``student_logits`` without slicing it. The gradient with respect to ``student_logits``
     is formed during the forward pass (one buffer in the logits' dtype); backward scales it.
     """
     return _run(
@@ -345,7 +370,7 @@ def chunked_distillation_loss(
 def fused_distillation_loss(
     hidden_states: torch.Tensor,
     output_layer: OutputLayer,
-    teacher_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | TopKRows,
     labels: torch.Tensor,
     *,
     vocab_size: int | None = None,

@@ -10,6 +10,7 @@ from transformers import Seq2SeqTrainingArguments
 
 from hf_kd.hidden import HIDDEN_LOSSES
 from hf_kd.losses import DIVERGENCES
+from hf_kd.sparse import TAIL_TREATMENTS
 
 
 @dataclass
@@ -33,6 +34,16 @@ class DistillationConfig(Seq2SeqTrainingArguments):
         metadata={
             "help": "A folder written by `hf-kd cache-teacher`, used in place of a teacher: no teacher is loaded "
             "and the loss compares the student with the cached top-k log-probabilities (docs/cache.md)."
+        },
+    )
+    teacher_cache_tail: str = field(
+        default="auto",
+        metadata={
+            "help": "How the loss treats the teacher's mass outside a cache's top-k: 'bucket' (one bucket for all "
+            "other tokens; every loss), 'uniform' (spread evenly; forward_kl), 'sampled' (the cache's tail "
+            "samples, an unbiased estimate; forward_kl, needs `hf-kd cache-teacher --tail-samples`). 'auto': "
+            "'sampled' when the cache has tail samples and the loss is forward_kl, else 'bucket'.",
+            "choices": ["auto", *TAIL_TREATMENTS],
         },
     )
     teacher_model_init_kwargs: dict[str, Any] | str | None = field(
@@ -195,6 +206,8 @@ class DistillationConfig(Seq2SeqTrainingArguments):
             raise ValueError(f"hidden_state_loss_weight={self.hidden_state_loss_weight} must be >= 0 (0 turns it off).")
         if self.hidden_state_loss not in HIDDEN_LOSSES:
             raise ValueError(f"hidden_state_loss={self.hidden_state_loss!r}: use one of {list(HIDDEN_LOSSES)}.")
+        if self.teacher_cache_tail not in ("auto", *TAIL_TREATMENTS):
+            raise ValueError(f"teacher_cache_tail={self.teacher_cache_tail!r}: use 'auto' or one of {TAIL_TREATMENTS}.")
         if self.loss not in DIVERGENCES:
             raise ValueError(f"loss={self.loss!r} is not a known divergence: use one of {sorted(DIVERGENCES)}.")
         if not self.temperature > 0:

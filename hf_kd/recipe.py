@@ -152,19 +152,23 @@ def prepare(
 
     ``task`` ("seq2seq" / "causal"), when given, must be what the models are (the recipe scripts pass it).
     """
-    if args.teacher_model_name_or_path is None:
-        raise ConfigError("No teacher: set teacher_model_name_or_path.")
+    if args.teacher_model_name_or_path is None and args.teacher_cache is None:
+        raise ConfigError(
+            "No teacher: set teacher_model_name_or_path, or teacher_cache (a folder written by hf-kd cache-teacher)."
+        )
     cache_dir = data_args.cache_dir
-    teacher_config = _load_config(
-        "teacher_model_name_or_path", args.teacher_model_name_or_path, args.trust_remote_code, cache_dir
-    )
+    teacher_config = None
+    if args.teacher_model_name_or_path is not None:
+        teacher_config = _load_config(
+            "teacher_model_name_or_path", args.teacher_model_name_or_path, args.trust_remote_code, cache_dir
+        )
     # Cheap checks first (configs, data files, columns), so that a mistake costs no model loading.
     key, source, student_config = _student_config(model_args, args, cache_dir)
     found = task_of(student_config)
     if task is not None and task != found:
         script = {"seq2seq": "recipes/distill_seq2seq.py", "causal": "recipes/distill_causal.py"}[found]
         raise ConfigError(f"{key}={source!r} is a {found} model but this recipe is for {task} models: use {script}.")
-    if task_of(teacher_config) != found:
+    if teacher_config is not None and task_of(teacher_config) != found:
         raise ConfigError(
             f"the student is {found} but teacher_model_name_or_path={args.teacher_model_name_or_path!r} is "
             f"{task_of(teacher_config)}: distill between models of the same kind."
@@ -220,6 +224,13 @@ def run_recipe(
     """
     parts = prepare(model_args, data_args, args, task)
     parts.pop("task")
+    if data_args.save_tokenized_train:
+        parts["train_dataset"].save_to_disk(data_args.save_tokenized_train)
+        logger.info(
+            "Tokenised training split (%d rows) saved to %s; next: hf-kd cache-teacher --dataset %s",
+            len(parts["train_dataset"]), data_args.save_tokenized_train, data_args.save_tokenized_train,
+        )  # fmt: skip
+        return {"train_samples": len(parts["train_dataset"])}
     use_cache = getattr(parts["model"].config, "use_cache", None)
     try:
         trainer = DistillationTrainer(args=args, **parts)

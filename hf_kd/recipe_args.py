@@ -122,6 +122,14 @@ class DataArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only the first N evaluation rows."})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenisation."})
     cache_dir: str | None = field(default=None, metadata={"help": "Where data sets and models are cached."})
+    save_tokenized_train: str | None = field(
+        default=None,
+        metadata={
+            "help": "Save the tokenised training split to this folder (Dataset.save_to_disk) and stop without "
+            "training: the input of `hf-kd cache-teacher --dataset`. Then train with `teacher_cache:` set to the "
+            "cache (and no teacher_model_name_or_path); the same config tokenises the same rows."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.dataset_name is None and self.data_files is None:

@@ -22,7 +22,7 @@ from hf_kd.generation import generate_causal_targets, generate_seq2seq_targets
 from hf_kd.hidden import PROJECTION_FILE, HiddenStateDistiller
 from hf_kd.losses import IGNORE_INDEX, DistillationLossOutput, distillation_loss
 from hf_kd.output_layer import forward_without_logits, output_layer
-from hf_kd.sparse import sparse_distillation_loss
+from hf_kd.sparse import TopKRows, sparse_distillation_loss
 from hf_kd.teacher import check_compatible, load_teacher, prepare_teacher, shared_vocab_size
 from hf_kd.teacher_forward import check_shared_encoder, rows_at_targets, target_logits
 
@@ -167,7 +167,6 @@ class DistillationTrainer(Seq2SeqTrainer):
             "seq_kd": args.seq_kd,
             "cross_tokenizer": args.cross_tokenizer,
             "hidden_state_loss_weight > 0": args.hidden_state_loss_weight > 0,
-            "fuse_output_layer": args.fuse_output_layer,
             "teacher_reuses_student_encoder": args.teacher_reuses_student_encoder,
         }
         for name, on in unsupported.items():
@@ -175,6 +174,7 @@ class DistillationTrainer(Seq2SeqTrainer):
                 raise ValueError(f"{name} needs a live teacher: it cannot be used with teacher_cache.")
         cache = teacher_cache if isinstance(teacher_cache, CachedTeacher) else CachedTeacher(teacher_cache)
         cache.check_temperature(args.temperature)  # the cached log-probabilities are at the cache's temperature
+        cache.tail_treatment(args.teacher_cache_tail, args.loss)  # fails now rather than at the first step
         cache.check_student(model)
         if kwargs.get("train_dataset") is not None:
             kwargs["train_dataset"] = cache.attach(kwargs["train_dataset"], tokenizer=processing_class)
@@ -422,20 +422,42 @@ class DistillationTrainer(Seq2SeqTrainer):
         targets: torch.Tensor,
         num_items_in_batch: torch.Tensor | int | None,
     ) -> tuple[DistillationLossOutput, Any, None]:
-        """The loss against the cached top-k rows; cross-entropy alone for rows without a cache (an eval set)."""
-        outputs = model(**model_inputs)
-        logits = outputs.logits[..., : self.vocab_size]
-        if not self.is_encoder_decoder:
-            logits = logits[:, :-1]
+        """The loss against the cached top-k rows; cross-entropy alone for rows without a cache (an eval set).
+
+        The same three paths as with a live teacher: fused (training with fuse_output_layer), chunked (the
+        default: the gradient in closed form, chunk by chunk) and the unchunked reference.
+        """
         settings = {"temperature": self.args.temperature, "num_items_in_batch": num_items_in_batch}
-        if cache_rows is not None:
-            result = sparse_distillation_loss(
-                logits, cache_rows, targets, loss=self.args.loss, alpha=self.args.alpha, beta=self.args.beta,
-                skew=self.args.skew, **settings,
-            )  # fmt: skip
-        else:
+        if cache_rows is None:
+            outputs = model(**model_inputs)
+            logits = outputs.logits[..., : self.vocab_size]
+            logits = logits if self.is_encoder_decoder else logits[:, :-1]
             result = distillation_loss(logits, logits.detach(), targets, alpha=1.0, **settings)
             result.kd_sum, result.agreement = None, None  # there was no teacher to compare with
+            return result, outputs, None
+        tail = self.teacher_cache.tail_treatment(self.args.teacher_cache_tail, self.args.loss)
+        rows = TopKRows.from_batch(cache_rows, tail)
+        kwargs = {"loss": self.args.loss, "alpha": self.args.alpha, "beta": self.args.beta, "skew": self.args.skew}
+        kwargs.update(settings)
+        chunk = self.args.loss_chunk_size
+        aligned = targets if self.is_encoder_decoder else torch.nn.functional.pad(targets, (0, 1), value=IGNORE_INDEX)
+        if self.args.fuse_output_layer and model.training:
+            last_hidden, outputs = forward_without_logits(model, model_inputs)
+            result = fused_distillation_loss(
+                last_hidden, output_layer(model), rows, aligned, vocab_size=self.vocab_size,
+                chunk_size=chunk, **kwargs,
+            )  # fmt: skip
+            return result, outputs, None
+        outputs = model(**model_inputs)
+        if chunk:
+            result = chunked_distillation_loss(
+                outputs.logits, rows, aligned, vocab_size=self.vocab_size, chunk_size=chunk, **kwargs
+            )
+        else:
+            mask = aligned.ne(IGNORE_INDEX)
+            result = sparse_distillation_loss(
+                outputs.logits[..., : self.vocab_size][mask], cache_rows, aligned[mask], tail_treatment=tail, **kwargs
+            )
         return result, outputs, None
 
     # ---- the hidden-state projection: optimized, synchronized and saved beside the student -------------

@@ -194,10 +194,11 @@ def test_cache_rows_equal_per_example_teacher_topk(tmp_path: Path, tok, monkeypa
     assert size["target_tokens"] == sum(sum(t != -100 for t in r[1:]) for r in data["labels"])
 
 
-def test_resume_after_kill_equals_uninterrupted_run(tmp_path: Path, tok) -> None:
+@pytest.mark.parametrize("tail_samples", [0, 5])
+def test_resume_after_kill_equals_uninterrupted_run(tmp_path: Path, tok, tail_samples: int) -> None:
     teacher = tiny_gpt2(len(tok), seed=7).eval()
     data = _causal_rows(tok, n=10)
-    kwargs = {"tokenizer": tok, "k": 4, "batch_size": 3, "shard_size": 3}
+    kwargs = {"tokenizer": tok, "k": 4, "batch_size": 3, "shard_size": 3, "tail_samples": tail_samples}
     build_teacher_cache(teacher, data, tmp_path / "clean", **kwargs)
 
     def kill(index: int) -> None:

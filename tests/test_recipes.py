@@ -12,7 +12,7 @@ import torch
 import yaml
 from datasets import Dataset, DatasetDict
 from recipe_helpers import save_tiny_models, tiny_overrides
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 from hf_kd.recipe import main, run_recipe
 from hf_kd.recipe_args import DataArguments, parse_recipe_config
@@ -223,3 +223,40 @@ def test_script_file_runs_as_main(models, tmp_path, monkeypatch, script):
     assert exit_info.value.code == 0
     assert json.loads((tmp_path / "out" / "trainer_state.json").read_text())["global_step"] == 2
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("name", ["bart_large_cnn_to_12_3", "gpt2_large_to_distilgpt2_wikitext103"])
+def test_recipe_saves_its_tokenised_split_then_trains_from_a_cache_of_it(name, models, tmp_path):
+    """save_tokenized_train -> hf_kd.cache.build_teacher_cache -> the same config with teacher_cache: the cache
+    is accepted (its content hash is the re-tokenised split's) and the student trains without a teacher."""
+    from hf_kd.cache import build_teacher_cache
+    from hf_kd.cached_teacher import CachedTeacher
+
+    path = ROOT / "recipes" / "configs" / f"{name}.yaml"
+    config = yaml.safe_load(path.read_text())
+    overrides = tiny_overrides(config, models, tmp_path, tmp_path / "first")
+    tokenised = tmp_path / "train_tokenised"
+    metrics = run_recipe(*parse_recipe_config(path, {**overrides, "save_tokenized_train": str(tokenised)}))
+    assert not (tmp_path / "first" / "trainer_state.json").exists()  # it stopped before training
+    rows = Dataset.load_from_disk(str(tokenised))
+    assert metrics["train_samples"] == len(rows) > 0
+    teacher = _load(overrides["teacher_model_name_or_path"])
+    tokenizer = AutoTokenizer.from_pretrained(overrides["teacher_model_name_or_path"])
+    temperature = float(config.get("temperature", 1.0))
+    build_teacher_cache(teacher, rows, tmp_path / "cache", tokenizer=tokenizer, k=8, temperature=temperature)
+
+    teacher_dir = overrides["teacher_model_name_or_path"]
+    cached = {
+        **overrides,
+        "output_dir": str(tmp_path / "second"),
+        "teacher_model_name_or_path": None,
+        "teacher_cache": str(tmp_path / "cache"),
+        "tokenizer_name_or_path": teacher_dir,
+    }
+    if not overrides.get("student_model_name_or_path", config.get("student_model_name_or_path")):
+        cached["student_config"] = teacher_dir  # the student was built from the teacher's config
+    run_recipe(*parse_recipe_config(path, cached))
+    state = json.loads((tmp_path / "second" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    assert state["log_history"][0]["kd_loss"] > 0
+    assert CachedTeacher(tmp_path / "cache").k == 8
