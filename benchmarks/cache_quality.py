@@ -41,7 +41,7 @@ from hf_kd.metrics import perplexity  # noqa: E402
 from hf_kd.pseudo_label import assemble, generate_pseudo_labels  # noqa: E402
 
 
-def training_args(output_dir: Path, settings: Any, **extra: Any) -> DistillationConfig:
+def training_args(output_dir: Path, settings: Any, seed: int, **extra: Any) -> DistillationConfig:
     """The quickstart's student schedule, without evaluation during training (the test set scores at the end)."""
     return DistillationConfig(
         output_dir=str(output_dir),
@@ -55,8 +55,8 @@ def training_args(output_dir: Path, settings: Any, **extra: Any) -> Distillation
         save_strategy="no",
         report_to="none",
         use_cpu=True,
-        seed=settings.seed,
-        data_seed=settings.seed,
+        seed=seed,
+        data_seed=seed,
         dataloader_num_workers=0,
         disable_tqdm=True,
         **extra,
@@ -101,6 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--teacher-dir", help="Load the teacher and tokenizer from here instead of the quickstart.")
     parser.add_argument("--merge", action="store_true", help="Add to the results already in --out.")
+    parser.add_argument(
+        "--student-seeds",
+        type=int,
+        nargs="+",
+        default=[None],
+        help="Student initialisation and data-order seeds; results of seed S are named <variant>@S (the default, "
+        "the quickstart's seed, keeps the plain name). Data, teacher and caches do not depend on it.",
+    )
     parser.add_argument("--report-only", action="store_true", help="Rewrite the .md from the .json in --out.")
     args = parser.parse_args(argv)
     if args.report_only:
@@ -132,17 +140,20 @@ def main(argv: list[str] | None = None) -> int:
     previous = json.loads((out / "cache_quality.json").read_text()) if args.merge else {}
     results: dict[str, Any] = previous.get("results", {})
     results["teacher"] = {"test_perplexity": perplexity(teacher, test, 32, collate)}
-    for variant in args.variants:
+    runs = [(variant, seed) for seed in args.student_seeds for variant in args.variants]
+    for variant, student_seed in runs:
         start = time.perf_counter()
-        student = qs.build_model(tokenizer, settings.student_layers, settings.student_width, settings, settings.seed)
+        name = variant if student_seed is None else f"{variant}@{student_seed}"
+        seed = settings.seed if student_seed is None else student_seed
+        student = qs.build_model(tokenizer, settings.student_layers, settings.student_width, settings, seed)
         common = {"model": student, "data_collator": collate, "processing_class": tokenizer}
         kd = {"loss": "forward_kl", "temperature": 1.0, "alpha": 0.0}
         extra: dict[str, Any] = {}
         if variant == "ce":
-            targs = training_args(work / variant, settings)
+            targs = training_args(work / variant, settings, seed)
             trainer = Trainer(args=targs, train_dataset=train, **common)
         elif variant == "kd_online":
-            targs = training_args(work / variant, settings, **kd)
+            targs = training_args(work / variant, settings, seed, **kd)
             trainer = DistillationTrainer(teacher_model=teacher, args=targs, train_dataset=train, **common)
         elif match := re.fullmatch(r"kd_cache_k(\d+)(?:_s(\d+))?(_uniform)?", variant):
             k, samples = int(match[1]), int(match[2] or 0)
@@ -154,20 +165,20 @@ def main(argv: list[str] | None = None) -> int:
             cache = CachedTeacher(folder)
             extra["teacher_top_k_mass"] = top_k_mass(cache)
             extra["bytes_per_target_token"] = cache_size(folder)["bytes_per_target_token"]
-            targs = training_args(work / variant, settings, teacher_cache_tail=tail, **kd)
+            targs = training_args(work / variant, settings, seed, teacher_cache_tail=tail, **kd)
             trainer = DistillationTrainer(teacher_cache=cache, args=targs, train_dataset=train, **common)
         elif variant == "seqkd":
             t0 = time.perf_counter()
             rows = seqkd_rows(teacher, tokenizer, train, settings, work / "pseudo", prompt=16)
             extra["pseudo_label_s"] = time.perf_counter() - t0
-            targs = training_args(work / variant, settings)
+            targs = training_args(work / variant, settings, seed)
             trainer = Trainer(args=targs, train_dataset=rows, **common)
         else:
             raise ValueError(variant)
         trainer.train()
         ppl = perplexity(student.eval(), test, 32, collate)
-        results[variant] = {"test_perplexity": ppl, "seconds": time.perf_counter() - start, **extra}
-        print(json.dumps({variant: results[variant]}), flush=True)
+        results[name] = {"test_perplexity": ppl, "seconds": time.perf_counter() - start, **extra}
+        print(json.dumps({name: results[name]}), flush=True)
     report = {
         "commands": [
             *previous.get("commands", []),
@@ -188,7 +199,6 @@ def main(argv: list[str] | None = None) -> int:
 def markdown(report: dict[str, Any]) -> str:
     """The results table; cached students also get their gap to the online-teacher student."""
     s, results = report["settings"], report["results"]
-    online = results.get("kd_online", {}).get("test_perplexity")
     lines = [
         "# Training from a top-k cache and SeqKD: quickstart lm task (CPU)",
         "",
@@ -196,13 +206,17 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['train_rows']} training blocks of {s['block_size']} tokens (one epoch, {s['student_steps']} "
         f"steps of {s['batch_size']}); teacher {s['teacher_layers']}x{s['teacher_width']}, students "
         f"{s['student_layers']}x{s['student_width']}, same seed and data order; alpha 0, T 1 for the KD students; "
-        f"{report['test_rows']} test blocks.",
+        f"{report['test_rows']} test blocks. `name@S`: the student seed S (initialisation and data order; the plain "
+        "names use the quickstart's seed 0); *vs online KD* compares with the online-KD student of the same seed. "
+        "Seconds are wall time on a shared 2-core machine (other jobs ran at the same time).",
         "",
         "| model | test perplexity | vs online KD | teacher mass in top-k | bytes / target token | seconds |",
         "|---|---|---|---|---|---|",
     ]
     for name, entry in results.items():
         ppl = entry["test_perplexity"]
+        seed = name.partition("@")[2]
+        online = results.get("kd_online" + (f"@{seed}" if seed else ""), {}).get("test_perplexity")
         gap = f"{100 * (ppl - online) / online:+.1f}%" if online and name.startswith("kd_cache") else ""
         mass = f"{entry['teacher_top_k_mass']:.3f}" if "teacher_top_k_mass" in entry else ""
         seconds = f"{entry['seconds']:.0f}" if "seconds" in entry else ""

@@ -106,3 +106,30 @@ def test_shared_encoder_is_checked() -> None:
         check_shared_encoder(student, teacher)
     with pytest.raises(ValueError, match="encoder-decoder"):
         check_shared_encoder(tiny_gpt2(45), tiny_gpt2(45))
+
+
+@pytest.mark.parametrize("efficient", [True, False])
+def test_fsdp_cpu_ram_efficient_loading_is_refused_for_the_teacher(efficient: bool) -> None:
+    """Under it, ranks other than 0 would keep an unwrapped teacher's random weights: an error, not a wrong loss."""
+    from types import SimpleNamespace
+
+    from accelerate import FullyShardedDataParallelPlugin
+    from accelerate.utils import DistributedType
+
+    from hf_kd.teacher import prepare_teacher
+
+    assert "cpu_ram_efficient_loading" in FullyShardedDataParallelPlugin.__dataclass_fields__  # what we read
+    plugin = SimpleNamespace(cpu_ram_efficient_loading=efficient)
+    prepared = []
+    accelerator = SimpleNamespace(
+        distributed_type=DistributedType.FSDP,
+        state=SimpleNamespace(fsdp_plugin=plugin),
+        prepare_model=lambda model, evaluation_mode: prepared.append(evaluation_mode) or model,
+    )
+    args = SimpleNamespace(bf16=False, fp16=False)
+    teacher = tiny_gpt2(20)
+    if efficient:
+        with pytest.raises(ValueError, match="fsdp_cpu_ram_efficient_loading: false"):
+            prepare_teacher(teacher, args, accelerator)
+    else:
+        assert prepare_teacher(teacher, args, accelerator) is teacher and prepared == [True]
