@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import re
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -213,15 +214,25 @@ def markdown(report: dict[str, Any]) -> str:
         "| model | test perplexity | vs online KD | teacher mass in top-k | bytes / target token | seconds |",
         "|---|---|---|---|---|---|",
     ]
+    gaps: dict[str, list[float]] = {}
     for name, entry in results.items():
         ppl = entry["test_perplexity"]
-        seed = name.partition("@")[2]
+        variant, _, seed = name.partition("@")
         online = results.get("kd_online" + (f"@{seed}" if seed else ""), {}).get("test_perplexity")
         gap = f"{100 * (ppl - online) / online:+.1f}%" if online and name.startswith("kd_cache") else ""
+        if gap:
+            gaps.setdefault(variant, []).append(100 * (ppl - online) / online)
         mass = f"{entry['teacher_top_k_mass']:.3f}" if "teacher_top_k_mass" in entry else ""
         seconds = f"{entry['seconds']:.0f}" if "seconds" in entry else ""
         size = f"{entry['bytes_per_target_token']:.0f}" if "bytes_per_target_token" in entry else ""
         lines.append(f"| {name} | {ppl:.2f} | {gap} | {mass} | {size} | {seconds} |")
+    several = {variant: values for variant, values in gaps.items() if len(values) > 1}
+    if several:
+        lines += ["", "Over student seeds (paired with the online-KD student of the same seed):", ""]
+        lines += ["| variant | seeds | mean gap to online KD | min | max |", "|---|---|---|---|---|"]
+        for variant, values in several.items():
+            mean = statistics.mean(values)
+            lines.append(f"| {variant} | {len(values)} | {mean:+.1f}% | {min(values):+.1f}% | {max(values):+.1f}% |")
     return "\n".join(lines) + "\n"
 
 

@@ -8,8 +8,8 @@ them) the cache row of an example holds, flattened in target order:
 * ``topk_logprobs``: their log-probabilities at the cache's temperature (float16);
 * ``tail_logmass``: ``log(1 - sum of the top-k probabilities)``, the teacher's mass on all other tokens
   (float32; computed as a log-sum-exp over the other tokens, so it is exact even when the tail is tiny);
-* with ``tail_samples = m > 0`` also ``tail_ids``: ``m`` tokens drawn with replacement from the teacher's tail
-  (its distribution outside the top-k, renormalised; seeded, so a resumed run draws the same), and
+* with ``tail_samples = m > 0`` also ``tail_ids``: ``m`` tokens drawn from the teacher's tail (its distribution
+  outside the top-k, renormalised; systematic sampling, seeded, so a resumed run draws the same), and
   ``tail_plogp``: the tail's ``sum p log p`` (float32). They make the unbiased ``"sampled"`` tail treatment of
   :mod:`hf_kd.sparse` possible, for 2 bytes per sample.
 
@@ -97,7 +97,7 @@ def cache_fingerprint(
     seed: int = 0,
 ) -> dict[str, Any]:
     # Tail-sample keys only when used: caches made before they existed keep their fingerprint (and resume).
-    tail = {"tail_samples": tail_samples, "tail_seed": seed} if tail_samples else {}
+    tail = {"tail_samples": tail_samples, "tail_seed": seed, "tail_sampling": TAIL_SAMPLING} if tail_samples else {}
     return {
         "kind": CACHE_KIND,
         "teacher_config_sha256": config_hash(teacher),
@@ -141,17 +141,32 @@ def collate_for_teacher(rows: list[dict[str, Any]], pad_token_id: int, is_encode
     return {"inputs": batch, "targets": labels if is_encoder_decoder else labels[:, 1:]}
 
 
+TAIL_SAMPLING = "systematic"  # recorded in the fingerprint: how the tail samples were drawn
+
+
 def sample_tail(
     lp: torch.Tensor, top_ids: torch.Tensor, m: int, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``m`` token ids drawn with replacement from each row's distribution outside ``top_ids``, and that tail's
-    ``sum p log p``, from the full log-probabilities ``lp [N, V]``."""
+    """``m`` token ids per row from its distribution outside ``top_ids``, and that tail's ``sum p log p``, from the
+    full log-probabilities ``lp [N, V]``.
+
+    Systematic sampling: one uniform ``u`` per row and the points ``(u + j) / m``, j < m, of the tail's
+    cumulative distribution. Every point is distributed as the tail, so the sample mean is an unbiased estimate
+    (as with independent draws), but a token holding a share ``s`` of the tail is drawn ``floor(m s)`` or
+    ``ceil(m s)`` times instead of a binomial count: much less noise where the tail's mass is.
+    """
     p_tail = lp.exp().scatter_(-1, top_ids, 0.0)
     plogp = (p_tail * lp).sum(-1)
     empty = p_tail.sum(-1) <= 0  # a tail that underflowed in float32: its weight is ~0, any draw will do
     if empty.any():
         p_tail[empty] = torch.ones_like(p_tail[empty]).scatter_(-1, top_ids[empty], 0.0)
-    return torch.multinomial(p_tail, m, replacement=True, generator=generator), plogp
+    cdf = p_tail.double().cumsum(-1)  # float64: the points must not fall past the last tail token by rounding
+    u = torch.rand(lp.shape[0], 1, generator=generator, device=lp.device, dtype=torch.float64)
+    total = cdf[:, -1:]
+    points = (u + torch.arange(m, device=lp.device, dtype=torch.float64)) / m * total
+    points = torch.minimum(points, torch.nextafter(total, torch.zeros_like(total)))  # below the total, always
+    # right=True: the first token whose cumulative mass exceeds the point, which has a non-zero tail probability.
+    return torch.searchsorted(cdf, points, right=True), plogp
 
 
 @torch.no_grad()
