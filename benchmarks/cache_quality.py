@@ -229,10 +229,10 @@ def markdown(report: dict[str, Any]) -> str:
     several = {variant: values for variant, values in gaps.items() if len(values) > 1}
     if several:
         lines += ["", "Over student seeds (paired with the online-KD student of the same seed):", ""]
-        lines += ["| variant | seeds | mean gap to online KD | min | max |", "|---|---|---|---|---|"]
+        lines += ["| variant | seeds | mean gap to online KD | median | min | max |", "|---|---|---|---|---|---|"]
         for variant, values in several.items():
-            mean = statistics.mean(values)
-            lines.append(f"| {variant} | {len(values)} | {mean:+.1f}% | {min(values):+.1f}% | {max(values):+.1f}% |")
+            figures = [statistics.mean(values), statistics.median(values), min(values), max(values)]
+            lines.append(f"| {variant} | {len(values)} | " + " | ".join(f"{x:+.1f}%" for x in figures) + " |")
     return "\n".join(lines) + "\n"
 
 
