@@ -6,7 +6,7 @@ tail (``tail_treatment``):
 
 * ``"bucket"``: both distributions are compared on the same coarser event space of ``k + 1`` buckets: the ``k``
   tokens, and one bucket for "any other token", whose student probability is the student's mass outside the
-  teacher's top-k, ``q_tail = 1 - sum_{i <= k} q_i`` (floored at 1e-5, see :func:`bucket_log_probs``). Forward KL
+  teacher's top-k, ``q_tail = 1 - sum_{i <= k} q_i`` (floored at 1e-5, see :func:`bucket_log_probs`). Forward KL
   over the buckets is
 
       KL_k(p || q) = sum_{i <= k} p_i log(p_i / q_i) + p_tail log(p_tail / q_tail)
