@@ -30,6 +30,11 @@ CACHE_COLUMNS = tuple(PREFIX + name for name in CACHE_FIELDS + TAIL_SAMPLE_FIELD
 BATCH_KEY = "teacher_cache"
 
 
+def cache_fields(tail_samples: int) -> tuple[str, ...]:
+    """The columns a cache row holds: the tail samples' only when it has some."""
+    return CACHE_FIELDS + (TAIL_SAMPLE_FIELDS if tail_samples else ())
+
+
 class CacheMismatchError(ValueError):
     """The cache was made for another tokenizer, data set or temperature than the training run uses."""
 
@@ -53,7 +58,7 @@ class CachedTeacher:
         self.vocab_size: int = self.fingerprint["vocab_size"]
         self.is_encoder_decoder: bool = self.fingerprint["is_encoder_decoder"]
         self.tail_samples: int = self.fingerprint.get("tail_samples", 0)
-        self.fields = CACHE_FIELDS + (TAIL_SAMPLE_FIELDS if self.tail_samples else ())
+        self.fields = cache_fields(self.tail_samples)
 
     def __repr__(self) -> str:
         return (
@@ -166,7 +171,7 @@ class CacheCollator:
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         if not features or PREFIX + CACHE_FIELDS[0] not in features[0]:
             return self.base(features)  # rows without a cache (e.g. an evaluation set): the plain batch
-        fields = CACHE_FIELDS + (TAIL_SAMPLE_FIELDS if self.tail_samples else ())
+        fields = cache_fields(self.tail_samples)
         parts = {name: [] for name in fields}
         rest = []
         for feature in features:

@@ -94,6 +94,8 @@ class DistillationTrainer(Seq2SeqTrainer):
         self._kd_sums = {mode: torch.zeros(len(_SUMS), dtype=self._sum_dtype) for mode in ("train", "eval")}
         if self.teacher_cache is not None:
             self.teacher, self.hidden_distiller = None, None
+            # Resolved (and refused when the cache or loss cannot serve it) once, here, not at every step.
+            self.cache_tail = self.teacher_cache.tail_treatment(args.teacher_cache_tail, args.loss)
             self.vocab_size = self.teacher_cache.vocab_size
             self.teacher_name = self.teacher_cache.fingerprint.get("teacher_name") or self.teacher_cache.path
         else:
@@ -174,7 +176,6 @@ class DistillationTrainer(Seq2SeqTrainer):
                 raise ValueError(f"{name} needs a live teacher: it cannot be used with teacher_cache.")
         cache = teacher_cache if isinstance(teacher_cache, CachedTeacher) else CachedTeacher(teacher_cache)
         cache.check_temperature(args.temperature)  # the cached log-probabilities are at the cache's temperature
-        cache.tail_treatment(args.teacher_cache_tail, args.loss)  # fails now rather than at the first step
         cache.check_student(model)
         if kwargs.get("train_dataset") is not None:
             kwargs["train_dataset"] = cache.attach(kwargs["train_dataset"], tokenizer=processing_class)
@@ -435,8 +436,7 @@ class DistillationTrainer(Seq2SeqTrainer):
             result = distillation_loss(logits, logits.detach(), targets, alpha=1.0, **settings)
             result.kd_sum, result.agreement = None, None  # there was no teacher to compare with
             return result, outputs, None
-        tail = self.teacher_cache.tail_treatment(self.args.teacher_cache_tail, self.args.loss)
-        rows = TopKRows.from_batch(cache_rows, tail)
+        rows = TopKRows.from_batch(cache_rows, self.cache_tail)
         kwargs = {"loss": self.args.loss, "alpha": self.args.alpha, "beta": self.args.beta, "skew": self.args.skew}
         kwargs.update(settings)
         chunk = self.args.loss_chunk_size
@@ -456,7 +456,11 @@ class DistillationTrainer(Seq2SeqTrainer):
         else:
             mask = aligned.ne(IGNORE_INDEX)
             result = sparse_distillation_loss(
-                outputs.logits[..., : self.vocab_size][mask], cache_rows, aligned[mask], tail_treatment=tail, **kwargs
+                outputs.logits[..., : self.vocab_size][mask],
+                cache_rows,
+                aligned[mask],
+                tail_treatment=self.cache_tail,
+                **kwargs,
             )
         return result, outputs, None
 

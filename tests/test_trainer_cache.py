@@ -99,7 +99,7 @@ def test_tail_treatment_follows_the_config_and_the_cache(tmp_path, tokenizer):
         )  # fmt: skip
 
     def tail_of(t):
-        return t.teacher_cache.tail_treatment(t.args.teacher_cache_tail, t.args.loss)
+        return t.cache_tail
 
     assert tail_of(trainer("plain")) == "bucket"
     assert tail_of(trainer("sampled")) == "sampled"
