@@ -23,7 +23,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +38,11 @@ from datasets.table import InMemoryTable
 from torch import nn
 
 from hf_kd.losses import IGNORE_INDEX, MIN_LOG_PROB, log_probs
-from hf_kd.shards import data_files, load_sharded, write_sharded
+from hf_kd.recipe_args import ConfigError
+from hf_kd.shards import data_files, load_sharded, shard_dir, write_sharded
 
 CACHE_KIND = "hf-kd-teacher-topk-cache"
+COMMAND = "`hf-kd cache-teacher`"
 ROW_CHUNK = 1024
 # Columns the teacher reads; the data set hash covers exactly these.
 INPUT_COLUMNS = ("input_ids", "attention_mask", "labels", "decoder_input_ids", "decoder_attention_mask")
@@ -282,6 +287,49 @@ def _lengths(rows: Dataset, is_ed: bool) -> list[tuple[list[int], list[int]]]:
     return list(zip(rows["input_ids"], labels, strict=True))
 
 
+def check_cache_settings(k: int, temperature: float, tail_samples: int, batch_size: int, vocab_size: int) -> None:
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ConfigError(f"temperature={temperature} must be a positive number; use e.g. 1.0 or 2.0.")
+    if not 1 <= k <= vocab_size:
+        raise ConfigError(f"k={k} must be between 1 and the vocabulary size {vocab_size}; pass a k in that range.")
+    if tail_samples < 0 or (tail_samples and k == vocab_size):
+        raise ConfigError(
+            f"tail_samples={tail_samples} with k={k} of {vocab_size} tokens; use 0, or a positive count with k below "
+            "the vocabulary size."
+        )
+    if batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size} must be 1 or more rows; pass e.g. 8.")
+
+
+def _is_int_list(feature: Any) -> bool:
+    inner = getattr(feature, "feature", None)  # List / Sequence / LargeList of a Value
+    return "int" in str(getattr(inner, "dtype", ""))
+
+
+def check_tokenised(dataset: Dataset, name: str, is_encoder_decoder: bool | None = None) -> None:
+    """Refuse a data set the teacher cannot read: no rows, no token ids, or no decoder targets for an
+    encoder-decoder (``is_encoder_decoder=None``: not known yet)."""
+    columns = ", ".join(dataset.column_names) or "none"
+    if len(dataset) == 0:
+        raise ConfigError(f"{name} has no rows; pass a data set with at least one example.")
+    if "input_ids" not in dataset.column_names:
+        raise ConfigError(
+            f"{name} has no input_ids column (its columns: {columns}), so it is not tokenised; tokenise it first, "
+            "e.g. with a recipe config's save_tokenized_train (see docs/cache.md)."
+        )
+    for column in ("input_ids", "labels"):
+        if column in dataset.column_names and not _is_int_list(dataset.features[column]):
+            raise ConfigError(
+                f"{name}: column {column} holds {dataset.features[column]}, not lists of token ids; tokenise the "
+                "data set first (see docs/cache.md)."
+            )
+    if is_encoder_decoder and "labels" not in dataset.column_names:
+        raise ConfigError(
+            f"{name} has no labels column (its columns: {columns}), and an encoder-decoder teacher needs the "
+            "decoder targets; tokenise the targets into labels."
+        )
+
+
 def build_teacher_cache(
     teacher: nn.Module,
     dataset: Dataset,
@@ -296,6 +344,7 @@ def build_teacher_cache(
     on_shard: Any = None,
     tail_samples: int = 0,
     seed: int = 0,
+    on_rebuild: Callable[[int, str], None] | None = None,
 ) -> Path:
     """Run ``teacher`` over ``dataset`` (rows with ``input_ids`` and, for encoder-decoders, ``labels``) and
     write its top-``k`` cache to ``output_dir``; resumes an interrupted run with the same inputs.
@@ -304,14 +353,15 @@ def build_teacher_cache(
     to the shared vocabulary) and is fingerprinted; ``temperature`` is baked into the stored log-probabilities.
     ``tail_samples`` tokens per target are also drawn from the teacher's tail (``seed`` seeds them), for the
     unbiased ``"sampled"`` tail treatment of :mod:`hf_kd.sparse`.
+
+    Run again on a finished or interrupted cache, it first verifies the shards written so far and computes the
+    missing or corrupt ones again (``on_rebuild(index, problem)`` is told of each). Bad arguments or data raise
+    :class:`~hf_kd.recipe_args.ConfigError`; see :func:`hf_kd.shards.write_sharded` for ``overwrite``.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature={temperature} must be positive.")
+    is_ed = bool(getattr(teacher.config, "is_encoder_decoder", False))
+    check_tokenised(dataset, "the data set", is_encoder_decoder=is_ed)
     vocab_size = len(tokenizer) if tokenizer is not None else int(teacher.get_output_embeddings().weight.shape[0])
-    if not 1 <= k <= vocab_size:
-        raise ValueError(f"k={k} must be between 1 and the vocabulary size {vocab_size}.")
-    if tail_samples < 0 or (tail_samples and k == vocab_size):
-        raise ValueError(f"tail_samples={tail_samples}: use 0, or a positive count with k below the vocabulary size.")
+    check_cache_settings(k, temperature, tail_samples, batch_size, vocab_size)
     pad = getattr(tokenizer, "pad_token_id", None)
     pad = pad if pad is not None else getattr(teacher.config, "pad_token_id", None) or 0
     settings = {"k": k, "temperature": temperature, "vocab_size": vocab_size, "batch_size": batch_size}
@@ -329,6 +379,8 @@ def build_teacher_cache(
             desc="Caching teacher top-k",
             overwrite=overwrite,
             on_shard=on_shard,
+            on_rebuild=on_rebuild,
+            command=COMMAND,
             # For information only: `datasets` fingerprints change with the code of every .map that made the
             # data, so the identity check is the content hash in the fingerprint.
             extra={"dataset_fingerprint": getattr(dataset, "_fingerprint", None)},
@@ -340,8 +392,9 @@ def build_teacher_cache(
 
 def cache_size(path: str | os.PathLike) -> dict[str, float]:
     """Bytes on disk (Arrow files), target tokens, and bytes per target token of a finished cache."""
-    data, _ = load_sharded(path, verify=False)
-    total = sum(f.stat().st_size for shard in Path(path).glob("shards/*") for f in data_files(shard))
+    data, manifest = load_sharded(path, verify=False, command=COMMAND)
+    folders = [shard_dir(Path(path), int(index)) for index in manifest["shards"]]
+    total = sum(f.stat().st_size for shard in folders for f in data_files(shard))
     tokens = int(pa.compute.sum(pa.compute.list_value_length(data.data.column("target_ids"))).as_py() or 0)
     return {"bytes": total, "target_tokens": tokens, "bytes_per_target_token": total / max(tokens, 1)}
 
@@ -358,7 +411,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--teacher", required=True, help="Teacher model folder or Hub id.")
     parser.add_argument("--dataset", required=True, help="A tokenised data set saved with save_to_disk.")
     parser.add_argument("--split", default=None, help="Split to cache when --dataset is a DatasetDict.")
-    parser.add_argument("--output", required=True, help="Cache folder (created; resumed when it exists).")
+    parser.add_argument(
+        "--output", required=True, help="Cache folder (created; when it exists, verified, repaired and resumed)."
+    )
     parser.add_argument("--tokenizer", default=None, help="Tokenizer folder (default: the teacher's).")
     parser.add_argument("--k", type=int, default=64, help="Teacher tokens kept per position (default 64).")
     parser.add_argument("--temperature", type=float, default=1.0, help="Softmax temperature of the cache.")
@@ -370,44 +425,198 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "'sampled' tail treatment (default 0: none).",
     )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the tail samples.")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="Rows per teacher forward pass (default 8).")
     parser.add_argument("--shard-size", type=int, default=1000, help="Rows per resumable shard.")
     parser.add_argument("--device", default=None, help="cuda, cpu ... (default: cuda when available).")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--trust-remote-code", action="store_true")
-    parser.add_argument("--overwrite", action="store_true", help="Replace a cache made with other settings.")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="dtype the teacher runs in (default auto: as saved).",
+    )
+    parser.add_argument(
+        "--trust-remote-code", action="store_true", help="Run the repository's model code (only one you have read)."
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace a cache made with other settings (deletes its manifest and shards, nothing else).",
+    )
     parser.set_defaults(run=run)
     return parser
 
 
+def run_command(command: str, body: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """``body(args)``, with a :class:`ConfigError` (bad input: arguments, data, models, an output folder) printed
+    as one line, exit code 2, as ``hf-kd distill`` does."""
+    try:
+        return body(args)
+    except ConfigError as err:
+        print(f"hf-kd {command}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0][:200] if lines else type(err).__name__
+
+
+def _looks_local(name: str) -> bool:
+    """A path, not a Hub id (``name`` or ``org/name``): the Hub's own error for it is misleading."""
+    return name.startswith((".", "~", "/")) or name.count("/") > 1 or "\\" in name
+
+
+def _saved_empty(folder: Path) -> bool:
+    try:
+        return json.loads((folder / "state.json").read_text(encoding="utf-8")).get("_data_files") == []
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def load_tokenised(path: str, split: str | None) -> Dataset:
+    """The data set saved at ``path`` (the ``split`` of a DatasetDict); a ConfigError naming ``--dataset``."""
     from datasets import DatasetDict, load_from_disk
 
-    data = load_from_disk(path)
+    if not Path(path).exists():
+        raise ConfigError(f"--dataset {path} does not exist; pass a folder written by Dataset.save_to_disk.")
+    try:
+        data = load_from_disk(path)
+    except (OSError, ValueError, KeyError, IndexError) as err:  # ValueError: damaged or non-UTF-8 json files
+        if _saved_empty(Path(path)):  # `datasets` cannot load a data set saved without rows (IndexError)
+            raise ConfigError(f"--dataset {path} has no rows; pass a data set with at least one example.") from None
+        raise ConfigError(
+            f"--dataset {path} cannot be read as a saved data set ({_first_line(err)}); pass a folder written by "
+            "Dataset.save_to_disk, or save it again."
+        ) from None
     if isinstance(data, DatasetDict):
         if split is None or split not in data:
-            raise SystemExit(f"{path} is a DatasetDict with splits {sorted(data)}: choose one with --split.")
+            raise ConfigError(f"--dataset {path} is a DatasetDict with splits {sorted(data)}; choose one with --split.")
         data = data[split]
     return data
 
 
-def load_model_for_cli(args: argparse.Namespace) -> tuple[nn.Module, Any]:
-    from transformers import AutoTokenizer
+def _load_teacher_for_cli(args: argparse.Namespace) -> tuple[nn.Module, Any]:
+    from safetensors import SafetensorError
 
     from hf_kd.teacher import load_teacher
 
+    folder = Path(args.teacher)
+    if folder.is_dir() and not any(folder.glob("*.safetensors")) and any(folder.glob("pytorch_model*.bin")):
+        raise ConfigError(
+            f"--teacher {args.teacher} holds only pytorch_model.bin weights, and hf-kd loads safetensors only "
+            "(a pickle can run code); convert it once with from_pretrained(folder, use_safetensors=False) and "
+            "save_pretrained(folder)."
+        )
+    if not folder.exists() and _looks_local(args.teacher):
+        raise ConfigError(f"--teacher {args.teacher} does not exist; pass a model folder or a Hub id.")
     kwargs = {} if args.dtype == "auto" else {"dtype": getattr(torch, args.dtype)}
     options = argparse.Namespace(trust_remote_code=args.trust_remote_code, teacher_model_init_kwargs=kwargs)
-    teacher, tokenizer = load_teacher(args.teacher, options)
+    try:
+        return load_teacher(args.teacher, options)
+    except SafetensorError as err:
+        raise ConfigError(
+            f"--teacher {args.teacher}: its safetensors weights cannot be read ({_first_line(err)}), so the file is "
+            "truncated or corrupt; copy or save the model again."
+        ) from None
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"--teacher {args.teacher} cannot be loaded ({_first_line(err)}); pass a folder written by "
+            "save_pretrained (config.json and safetensors weights) or a Hub id."
+        ) from None
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model", "tokenizer.model")
+
+
+def _load_tokenizer_for_cli(name: str, trust_remote_code: bool, option: str = "--tokenizer") -> Any:
+    from transformers import AutoTokenizer
+
+    from hf_kd.teacher import has_vocabulary
+
+    if not Path(name).exists() and _looks_local(name):
+        raise ConfigError(
+            f"{option} {name} does not exist; pass the folder holding the tokenizer files, or leave --tokenizer "
+            "out to use the teacher's."
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"{option} {name}: its tokenizer cannot be loaded ({_first_line(err)}); pass a folder written by "
+            "tokenizer.save_pretrained or a Hub id with --tokenizer."
+        ) from None
+    if not has_vocabulary(tokenizer):  # transformers 5 builds an empty tokenizer for a folder without its files
+        raise ConfigError(f"{option} {name} holds no tokenizer files; pass the folder the tokenizer was saved to.")
+    return tokenizer
+
+
+def _device(name: str | None) -> torch.device:
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a torch device; use cpu, cuda, cuda:1 ...") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: this machine has no CUDA GPU; use --device cpu.")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(
+            f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s); use cuda:0 or --device cpu."
+        )
+    return device
+
+
+def load_model_for_cli(args: argparse.Namespace) -> tuple[nn.Module, Any]:
+    """The teacher (on ``--device``) and its tokenizer, or ``--tokenizer``; any failure is a ConfigError."""
+    device = _device(args.device)
+    teacher, tokenizer = _load_teacher_for_cli(args)
     if args.tokenizer:
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, trust_remote_code=args.trust_remote_code)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        tokenizer = _load_tokenizer_for_cli(args.tokenizer, args.trust_remote_code)
+    elif tokenizer is None and any((Path(args.teacher) / name).is_file() for name in TOKENIZER_FILES):
+        # load_teacher takes an unreadable tokenizer for none; here it would silently cache another vocabulary
+        tokenizer = _load_tokenizer_for_cli(args.teacher, args.trust_remote_code, option="--teacher")
     return teacher.to(device), tokenizer
 
 
+def _check_cli_numbers(args: argparse.Namespace) -> None:
+    """Before any model is loaded: the settings that cannot be right whatever the teacher."""
+    if not math.isfinite(args.temperature) or args.temperature <= 0:
+        raise ConfigError(f"--temperature {args.temperature} must be a positive number; use e.g. 1.0 or 2.0.")
+    for option, value, least, example in (
+        ("--k", args.k, 1, 64),
+        ("--tail-samples", args.tail_samples, 0, 64),
+        ("--batch-size", args.batch_size, 1, 8),
+        ("--shard-size", args.shard_size, 1, 1000),
+    ):
+        if value < least:
+            raise ConfigError(f"{option} {value} must be {least} or more; pass e.g. {option} {example}.")
+
+
+def rebuild_reporter(output: str, rebuilt: list[int]) -> Callable[[int, str], None]:
+    """An ``on_rebuild`` that says which shard is computed again, and why, and collects their indices."""
+
+    def report(index: int, problem: str) -> None:
+        rebuilt.append(index)
+        print(f"{output}: shard {index} {problem}; computing it again.")
+
+    return report
+
+
+def rebuilt_note(rebuilt: list[int]) -> str:
+    """The end of the command's last line: which shards this run had to compute again."""
+    if not rebuilt:
+        return ""
+    return f" (rebuilt shard{'s' if len(rebuilt) > 1 else ''} {', '.join(map(str, rebuilt))})"
+
+
 def run(args: argparse.Namespace) -> int:
-    teacher, tokenizer = load_model_for_cli(args)
+    return run_command("cache-teacher", _cache_teacher, args)
+
+
+def _cache_teacher(args: argparse.Namespace) -> int:
+    _check_cli_numbers(args)
     dataset = load_tokenised(args.dataset, args.split)
+    check_tokenised(dataset, f"--dataset {args.dataset}")
+    teacher, tokenizer = load_model_for_cli(args)
+    rebuilt: list[int] = []
     path = build_teacher_cache(
         teacher,
         dataset,
@@ -420,8 +629,12 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         tail_samples=args.tail_samples,
         seed=args.seed,
+        on_rebuild=rebuild_reporter(args.output, rebuilt),
     )
     size = cache_size(path)
     per_token = size["bytes_per_target_token"]
-    print(f"Cache written to {path}: {size['target_tokens']} target tokens, {per_token:.0f} bytes each.")
+    print(
+        f"Cache written to {path}{rebuilt_note(rebuilt)}: {size['target_tokens']} target tokens, "
+        f"{per_token:.0f} bytes each."
+    )
     return 0

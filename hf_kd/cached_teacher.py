@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from datasets import Dataset, concatenate_datasets
 
-from hf_kd.cache import CACHE_KIND, dataset_hash, tokenizer_hash
+from hf_kd.cache import CACHE_KIND, COMMAND, dataset_hash, tokenizer_hash
 from hf_kd.losses import DistillationLossOutput
+from hf_kd.recipe_args import ConfigError
 from hf_kd.shards import ShardError, load_sharded
 from hf_kd.sparse import check_tail_treatment, sparse_distillation_loss
 
@@ -35,12 +36,14 @@ def cache_fields(tail_samples: int) -> tuple[str, ...]:
     return CACHE_FIELDS + (TAIL_SAMPLE_FIELDS if tail_samples else ())
 
 
-class CacheMismatchError(ValueError):
-    """The cache was made for another tokenizer, data set or temperature than the training run uses."""
+class CacheMismatchError(ConfigError):
+    """The cache was made for another tokenizer, data set or temperature than the training run uses (a
+    :class:`~hf_kd.recipe_args.ConfigError`: ``hf-kd distill`` prints it as one line)."""
 
 
 class CachedTeacher:
-    """A finished top-k teacher cache, checked on load (missing shards, row counts, checksums).
+    """A finished top-k teacher cache, checked on load (missing shards, row counts, checksums): a bad one raises
+    :class:`hf_kd.shards.ShardError`, whose one-line message names the fix.
 
     Args:
         path: the cache folder.
@@ -49,10 +52,13 @@ class CachedTeacher:
 
     def __init__(self, path: str | os.PathLike, verify: bool = True) -> None:
         self.path = str(path)
-        self.data, manifest = load_sharded(path, verify=verify)
+        self.data, manifest = load_sharded(path, verify=verify, command=COMMAND)
         self.fingerprint: dict[str, Any] = manifest["fingerprint"]
         if self.fingerprint.get("kind") != CACHE_KIND:
-            raise ShardError(f"{path} is not a teacher cache (kind {self.fingerprint.get('kind')!r}).")
+            raise ShardError(
+                f"{path} is not a teacher cache (kind {self.fingerprint.get('kind')!r}); point teacher_cache at a "
+                f"folder written by {COMMAND}."
+            )
         self.k: int = self.fingerprint["k"]
         self.temperature: float = self.fingerprint["temperature"]
         self.vocab_size: int = self.fingerprint["vocab_size"]
@@ -81,7 +87,8 @@ class CachedTeacher:
         if len(dataset) != self.fingerprint["dataset_rows"]:
             raise CacheMismatchError(
                 f"The teacher cache {self.path} was made for another data set: {self.fingerprint['dataset_rows']} "
-                f"rows, this one has {len(dataset)}."
+                f"rows, this one has {len(dataset)}; train on the rows it was made for, or rebuild it with {COMMAND} "
+                "--dataset on these."
             )
         if dataset_hash(dataset) != self.fingerprint["dataset_sha256"]:
             raise CacheMismatchError(
@@ -98,12 +105,17 @@ class CachedTeacher:
 
     def check_student(self, student: torch.nn.Module) -> None:
         if bool(getattr(student.config, "is_encoder_decoder", False)) != self.is_encoder_decoder:
-            raise CacheMismatchError(f"The teacher cache {self.path} is for another kind of model (encoder-decoder?).")
+            kinds = {True: "encoder-decoder", False: "causal"}
+            raise CacheMismatchError(
+                f"The teacher cache {self.path} was made by a {kinds[self.is_encoder_decoder]} teacher, but the "
+                f"student is {kinds[not self.is_encoder_decoder]}; use a student of the teacher's kind."
+            )
         head = student.get_output_embeddings()
         width = int(head.weight.shape[0]) if head is not None else int(student.config.vocab_size)
         if width < self.vocab_size:
             raise CacheMismatchError(
-                f"The student's output layer has {width} columns but the cache's vocabulary has {self.vocab_size}."
+                f"The student's output layer has {width} columns but the cache's vocabulary has {self.vocab_size}; "
+                "resize it with student.resize_token_embeddings(len(tokenizer))."
             )
 
     def tail_treatment(self, requested: str, loss: str) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from typing import Any
 
 from hf_kd import __version__
@@ -18,31 +20,101 @@ _LOSS_NAMES = {
 assert set(_LOSS_NAMES) == set(DIVERGENCES)
 
 
+# A snapshot in the Hugging Face cache (.../hub/models--org--name/snapshots/<commit>) is a Hub repository.
+_CACHED_SNAPSHOT = re.compile(r"(?:models|datasets)--(?P<repo>[^/\\]+)[/\\]snapshots(?:[/\\]|$)")
+
+
+def is_local_path(name: str) -> bool:
+    """Whether ``name`` names a folder or file on this machine rather than a Hub repository.
+
+    Hub ids are ``name`` or ``org/name``: anything absolute, relative (``./``, ``~``), deeper, or present on
+    disk is local, as ``from_pretrained`` and ``load_dataset`` would read it.
+    """
+    name = str(name)
+    return (
+        os.path.isabs(name)
+        or name.startswith((".", "~"))
+        or "\\" in name
+        or name.rstrip("/").count("/") > 1
+        or os.path.exists(name)
+    )
+
+
+def hub_id(name: str) -> str | None:
+    """The Hub repository ``name`` stands for (an ``org/name`` id, or a snapshot in the HF cache), else None."""
+    name = str(name)
+    cached = _CACHED_SNAPSHOT.search(name)
+    if cached:
+        return cached["repo"].replace("--", "/")
+    return name if "/" in name and not is_local_path(name) else None
+
+
+def public_name(name: str) -> str:
+    """How a card names a model or data set: its Hub id, else a local folder's last component, never a path.
+
+    A card is published: the absolute paths of the machine that wrote it (home, caches, temporary folders)
+    mean nothing to its readers and expose the author's file system.
+    """
+    name = str(name)
+    repo = hub_id(name)
+    if repo:
+        return repo
+    if is_local_path(name):
+        return os.path.basename(os.path.normpath(os.path.expanduser(name))) or "local folder"
+    return name
+
+
+def markdown_name(name: str) -> str:
+    """Markdown for a model or data set: `org/name`, or `folder` (a local folder)."""
+    local = hub_id(name) is None and is_local_path(name)
+    return f"`{public_name(name)}`" + (" (a local folder)" if local else "")
+
+
 def distillation_section(
-    *, teacher: str, args: Any, dataset: str | None = None, metrics: dict[str, float] | None = None
+    *, teacher: str, args: Any, dataset: str | list[str] | None = None, metrics: dict[str, float] | None = None
 ) -> str:
-    """Markdown that records the teacher, the loss and its settings, the data, the metrics and the hf_kd version."""
+    """Markdown that records the teacher, the loss and its settings, the data, the metrics and the hf_kd version.
+
+    The teacher and the data set are named by Hub id, or by folder name when local (:func:`public_name`).
+    """
     loss = _LOSS_NAMES[args.loss].format(beta=args.beta, skew=args.skew)
+    teacher = markdown_name(teacher)
+    datasets = [dataset] if isinstance(dataset, str) else list(dataset or [])
+    data = ", ".join(markdown_name(d) if is_local_path(d) else d for d in datasets) or "not recorded"
     lines = [
         "## Distillation",
         "",
-        f"This model is a student distilled from `{teacher}` with hf_kd {__version__}: token-level knowledge "
+        f"This model is a student distilled from {teacher} with hf_kd {__version__}: token-level knowledge "
         "distillation, loss = alpha * CE(labels) + (1 - alpha) * T^2 * D(student / T, teacher / T), averaged "
         "over target tokens.",
         "",
         "| setting | value |",
         "|---|---|",
-        f"| teacher | `{teacher}` |",
+        f"| teacher | {teacher} |",
         f"| divergence D (`loss`) | {loss} |",
         f"| temperature T | {args.temperature} |",
         f"| alpha (CE weight) | {args.alpha} |",
-        f"| data set | {dataset or 'not recorded'} |",
+        f"| data set | {data} |",
         f"| hf_kd version | {__version__} |",
     ]
     if metrics:
         lines += ["", "Evaluation of the student:", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {_fmt(v)} |" for k, v in metrics.items()]
     return "\n".join(lines) + "\n"
+
+
+def card_metrics(log_history: list[dict[str, Any]], extra: dict[str, float] | None = None) -> dict[str, float]:
+    """The last evaluation's ``eval_*`` and ``test_*`` metrics in ``log_history``, then ``extra`` (which wins).
+
+    Timings (runtime, per-second rates) are left out: they describe the machine, not the model.
+    """
+    metrics: dict[str, float] = {}
+    for prefix in ("eval_", "test_"):
+        logs = [log for log in log_history if any(k.startswith(prefix) for k in log)]
+        if logs:
+            metrics.update({k: v for k, v in logs[-1].items() if k.startswith(prefix)})
+    metrics.update(extra or {})
+    return {k: v for k, v in metrics.items() if "runtime" not in k and not k.endswith("_per_second")}
 
 
 def insert_section(card: str, section: str) -> str:

@@ -29,6 +29,7 @@ from hf_kd.losses import (
     forward_kl,
     get_divergence,
     log_probs,
+    mix_terms,
 )
 from hf_kd.sparse import TopKRows, check_rows, check_tail_treatment, topk_chunk_loss
 
@@ -69,7 +70,7 @@ def _chunk_loss(
         kd = s.divergence(log_probs(logits, s.temperature), log_probs(teacher, s.temperature)).sum()
     with torch.set_grad_enabled(torch.is_grad_enabled() and s.alpha > 0.0):
         ce = F.cross_entropy(logits.float(), ids, reduction="sum")
-    total = (s.alpha * ce + (1.0 - s.alpha) * s.temperature**2 * kd) / s.normalizer
+    total = mix_terms(ce, kd, s.alpha, s.temperature) / s.normalizer
     return total, kd.detach(), ce.detach()
 
 
@@ -109,7 +110,7 @@ def _forward_kl_closed_form(
             grad.add_(log_q1.exp_(), alpha=alpha / n)
     if alpha > 0.0:
         grad[torch.arange(ids.numel(), device=ids.device), ids] -= alpha / n
-    total = (alpha * ce + (1.0 - alpha) * t**2 * kd) / n
+    total = mix_terms(ce, kd, alpha, t) / n
     return total, kd, ce, grad
 
 
@@ -128,7 +129,9 @@ def _loss_and_grad(
         )  # fmt: skip
     if not need_grad:
         return (*_chunk_loss(logits, teacher, ids, s), None)
-    if s.divergence is forward_kl:
+    # alpha = 1 takes autograd, which keeps the weightless KD term out of the gradient; the closed form would
+    # multiply it by 0, and a NaN KD (a teacher row with inf logits) would make the gradient NaN.
+    if s.divergence is forward_kl and s.alpha < 1.0:
         return _forward_kl_closed_form(logits, teacher, ids, s)
     with torch.enable_grad():
         z = logits.detach().requires_grad_(True)
@@ -226,7 +229,7 @@ class _ChunkedDistillation(torch.autograd.Function):
             total, kd, ce, g = _loss_and_grad(logits, t_chunk, ids, s, need_grad=need_x or need_w or need_b)
             if g is not None:
                 if w is None:
-                    grad_x[sel, : s.vocab_size] = g
+                    grad_x[sel, : s.vocab_size] = g.to(grad_x.dtype)  # bf16 logits: DeepSpeed bf16
                 else:
                     if need_b:
                         grad_b += g.sum(0, dtype=torch.float32)

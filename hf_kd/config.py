@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -202,35 +203,62 @@ class DistillationConfig(Seq2SeqTrainingArguments):
             self.teacher_model_init_kwargs = json.loads(self.teacher_model_init_kwargs)
         if isinstance(self.hidden_state_layer_map, str):
             self.hidden_state_layer_map = json.loads(self.hidden_state_layer_map)
-        if not self.hidden_state_loss_weight >= 0.0:
-            raise ValueError(f"hidden_state_loss_weight={self.hidden_state_loss_weight} must be >= 0 (0 turns it off).")
+        self._check_numbers()
         if self.hidden_state_loss not in HIDDEN_LOSSES:
             raise ValueError(f"hidden_state_loss={self.hidden_state_loss!r}: use one of {list(HIDDEN_LOSSES)}.")
         if self.teacher_cache_tail not in ("auto", *TAIL_TREATMENTS):
             raise ValueError(f"teacher_cache_tail={self.teacher_cache_tail!r}: use 'auto' or one of {TAIL_TREATMENTS}.")
         if self.loss not in DIVERGENCES:
             raise ValueError(f"loss={self.loss!r} is not a known divergence: use one of {sorted(DIVERGENCES)}.")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature={self.temperature} must be > 0 (1.0 leaves the logits unchanged).")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha={self.alpha} must be in [0, 1]: 0 is pure distillation, 1 plain CE.")
-        if not 0.0 < self.beta < 1.0:
-            raise ValueError(
-                f"beta={self.beta} must be in (0, 1) (0.5 is the symmetric JSD); for beta 0 or 1 use "
-                "loss='forward_kl' or loss='reverse_kl'."
-            )
-        if not 0.0 <= self.skew <= 1.0:
-            raise ValueError(f"skew={self.skew} must be in [0, 1] (0.1 is DistiLLM's default).")
         if self.label_smoothing_factor:
             raise ValueError(
                 f"label_smoothing_factor={self.label_smoothing_factor} is not applied by DistillationTrainer: the "
                 "teacher's distribution already softens the targets. Set it to 0 and lower alpha instead."
             )
-        if not 0.0 <= self.lmbda <= 1.0:
-            raise ValueError(f"lmbda={self.lmbda} must be in [0, 1]: the probability of an on-policy step.")
-        if self.generation_temperature < 0:
-            raise ValueError(f"generation_temperature={self.generation_temperature} must be >= 0 (0 is greedy).")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens} must be at least 1.")
         if self.loss_chunk_size is not None and self.loss_chunk_size <= 0:
             raise ValueError(f"loss_chunk_size={self.loss_chunk_size} must be a positive number of tokens or None.")
+
+    def _check_numbers(self) -> None:
+        """Refuse NaN, infinite and out-of-range float settings: they would reach the loss or the optimizer and
+        train (and save) a student of NaN weights."""
+        _check_range("temperature", self.temperature, 0.0, low_open=True, why="1.0 leaves the logits unchanged")
+        _check_range("alpha", self.alpha, 0.0, 1.0, why="0 is pure distillation, 1 plain CE")
+        _check_range(
+            "beta", self.beta, 0.0, 1.0, low_open=True, high_open=True,
+            why="0.5 is the symmetric JSD; for beta 0 or 1 use loss='forward_kl' or loss='reverse_kl'",
+        )  # fmt: skip
+        _check_range("skew", self.skew, 0.0, 1.0, why="0 is the plain KL, 0.1 DistiLLM's default")
+        _check_range("lmbda", self.lmbda, 0.0, 1.0, why="the probability of an on-policy step")
+        _check_range("generation_temperature", self.generation_temperature, 0.0, why="0 is greedy")
+        _check_range("uld_weight", self.uld_weight, 0.0, why="0 drops the ULD term")
+        _check_range("hidden_state_loss_weight", self.hidden_state_loss_weight, 0.0, why="0 turns it off")
+        for name in _FINITE_TRAINING_ARGUMENTS:
+            _check_range(name, getattr(self, name), -math.inf, why="it would make every weight NaN")
+
+
+# Inherited settings that transformers and torch accept when infinite (a learning rate of inf passes AdamW's check).
+_FINITE_TRAINING_ARGUMENTS = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon")
+
+
+def _check_range(
+    name: str,
+    value: float,
+    low: float,
+    high: float = math.inf,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    why: str,
+) -> None:
+    """Raise a ValueError naming ``name`` and its valid range unless ``value`` is a finite number in it."""
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    if math.isfinite(value) and above and below:
+        return
+    if high == math.inf:
+        where = "" if low == -math.inf else f" {'>' if low_open else '>='} {low:g}"
+    else:
+        where = f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    raise ValueError(f"{name}={value} must be a finite number{where} ({why}).")

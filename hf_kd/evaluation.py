@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import numbers
 import sys
 import textwrap
 from pathlib import Path
@@ -16,12 +17,15 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from safetensors import SafetensorError
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PretrainedConfig
 
-from hf_kd.metrics import count_parameters, generation_speed, perplexity, rouge
+from hf_kd.metrics import count_parameters, generation_speed, load_metric, perplexity
 from hf_kd.recipe import _first_line, _load_config, task_of
 from hf_kd.recipe_args import ConfigError, DataArguments, check_values, load_yaml_config
 from hf_kd.recipe_data import check_columns, load_raw_datasets, tokenize_causal, tokenize_seq2seq
+from hf_kd.teacher import TokenizerMismatchError, check_same_tokenizer, has_vocabulary, load_saved_tokenizer
 
 # The DataArguments fields `evaluate` takes from the command line (the training-only ones are left out).
 DATA_OPTIONS = (
@@ -41,29 +45,84 @@ DATA_OPTIONS = (
 
 
 def load_model(key: str, name_or_path: str, dtype: str, device: str, trust_remote_code: bool = False) -> Any:
-    """A model with the Auto class its config asks for, in eval mode on ``device``."""
+    """A model with the Auto class its config asks for, in eval mode on ``device``; safetensors weights only."""
     config = _load_config(key, name_or_path, trust_remote_code, None)
     auto = AutoModelForSeq2SeqLM if task_of(config) == "seq2seq" else AutoModelForCausalLM
     try:
-        model = auto.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = auto.from_pretrained(
+            name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+    except SafetensorError as err:
+        raise ConfigError(
+            f"{key}={name_or_path!r}: its safetensors weights cannot be read ({_first_line(err)}); the file is "
+            "incomplete or damaged: save or download the model again"
+        ) from None
     except OSError as err:
+        if any(Path(name_or_path).glob("*.bin")):
+            raise ConfigError(
+                f"{key}={name_or_path!r} holds pickled PyTorch weights (*.bin) but no model.safetensors, and "
+                "hf-kd loads safetensors only (a pickle can run code when loaded); convert a model you trust with "
+                "from_pretrained(...).save_pretrained(...), which writes safetensors"
+            ) from None
         raise ConfigError(f"{key}={name_or_path!r}: cannot load the weights ({_first_line(err)})") from None
     return model.to(device).eval()
 
 
-def load_tokenizer(names: list[tuple[str, str]], trust_remote_code: bool = False) -> Any:
-    """The first tokenizer that loads, from ``(key, name_or_path)`` candidates."""
-    errors = []
-    for key, name in names:
+def check_path(key: str, name_or_path: str) -> None:
+    """Refuse a path that is neither on disk nor a possible Hub id (which transformers reports as a bad repo id)."""
+    if Path(name_or_path).exists():
+        return
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        raise ConfigError(
+            f"{key}={name_or_path!r}: no such directory; give a folder saved with save_pretrained, or a Hub id"
+        ) from None
+
+
+_MISMATCH_FIX = (
+    "Their perplexities count different tokens and cannot be compared either; evaluate each model alone "
+    "(without --teacher), or compare the student with a teacher of its tokenizer"
+)
+
+
+def load_tokenizers(models: list[tuple[str, str, str]], named: tuple[str, str] | None, trust: bool) -> dict[str, Any]:
+    """``{role: tokenizer}`` for ``models`` (role, option, path), checked to be one vocabulary.
+
+    The student's is ``named`` (option, path) when given, else its own, else the teacher's; the teacher's is its
+    own, else the student's. A folder without tokenizer files has none (``load_saved_tokenizer``).
+    """
+    own = {
+        role: load_saved_tokenizer(path, trust_remote_code=trust)
+        for role, _, path in models
+        if role != "student" or named is None
+    }
+    tokenizers = {"student": _load_named(*named, trust) if named else own["student"] or own.get("teacher")}
+    if tokenizers["student"] is None:
+        raise ConfigError(
+            f"--student={models[0][2]!r} has no tokenizer files (nor has a teacher); name one with --tokenizer"
+        )
+    for role, key, path in models[1:]:
+        tokenizers[role] = own[role] or tokenizers["student"]
         try:
-            tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError) as err:
-            errors.append(f"{key}={name!r}: {_first_line(err)}")
-            continue
+            check_same_tokenizer(tokenizers["student"], tokenizers[role], fix=_MISMATCH_FIX)
+        except TokenizerMismatchError as err:
+            raise ConfigError(f"{key}={path!r}: " + " ".join(str(err).split())) from None
+    for tokenizer in tokenizers.values():
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        return tokenizer
-    raise ConfigError("No tokenizer could be loaded: " + "; ".join(errors))
+    return tokenizers
+
+
+def _load_named(key: str, name_or_path: str, trust: bool) -> Any:
+    check_path(key, name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{key}={name_or_path!r}: cannot load the tokenizer ({_first_line(err)})") from None
+    if not has_vocabulary(tokenizer):
+        raise ConfigError(f"{key}={name_or_path!r}: no tokenizer files there; name a folder saved with a tokenizer")
+    return tokenizer
 
 
 @torch.no_grad()
@@ -93,9 +152,17 @@ def generate_texts(
 
 
 def evaluate_model(
-    model: Any, tokenizer: Any, raw: Dataset, data_args: DataArguments, options: argparse.Namespace
+    model: Any,
+    tokenizer: Any,
+    raw: Dataset,
+    data_args: DataArguments,
+    options: argparse.Namespace,
+    metric: Any = None,
 ) -> dict[str, float]:
-    """The numbers of one model on ``raw`` (the evaluation rows, untokenised)."""
+    """The numbers of one model on ``raw`` (the evaluation rows, untokenised).
+
+    ``metric`` (an `evaluate` module) scores the generations of encoder-decoder models; by default hf_kd's ROUGE.
+    """
     task = task_of(model.config)
     results: dict[str, float] = {"parameters": count_parameters(model)}
     if task == "seq2seq":
@@ -117,7 +184,8 @@ def evaluate_model(
             max_input_length=data_args.max_source_length,
         )
         references = [t or "" for t in raw[data_args.target_column]]
-        results.update(rouge(predictions, references))
+        metric = metric if metric is not None else load_metric("rouge")
+        results.update(_numbers(metric.compute(predictions=predictions, references=references)))
     if not options.no_speed:
         speed = generation_speed(
             model,
@@ -129,6 +197,21 @@ def evaluate_model(
         )
         results["generation_tokens_per_second"] = speed["tokens_per_second"]
     return results
+
+
+def _numbers(scores: dict[str, Any]) -> dict[str, float]:
+    """The scalar scores of a metric's result (BLEU's list of n-gram precisions does not fit the table)."""
+    return {k: float(v) for k, v in (scores or {}).items() if isinstance(v, numbers.Real) and not isinstance(v, bool)}
+
+
+def _load_metric(name_or_path: str) -> Any:
+    try:
+        return load_metric(name_or_path)
+    except Exception as err:  # evaluate raises many kinds (missing file, failed import, Hub) for one cause
+        raise ConfigError(
+            f"--metric {name_or_path!r} cannot be loaded ({_first_line(err)}); pass rouge (hf_kd's own ROUGE), "
+            "a local evaluate metric folder or script, or a Hub metric name already in evaluate's cache"
+        ) from None
 
 
 def _data_args(options: argparse.Namespace, recipe: dict[str, Any], split: str) -> DataArguments:
@@ -160,7 +243,15 @@ def evaluate_pair(options: argparse.Namespace) -> dict[str, dict[str, float]]:
     teacher = options.teacher or recipe.get("teacher_model_name_or_path")
     split = options.split or recipe.get("eval_split") or "validation"
     data_args = _data_args(options, recipe, split)
-    task = task_of(_load_config("--student", options.student, options.trust_remote_code, None))
+    # (role, the option that named the model, its path)
+    models = [("student", "--student", options.student)]
+    if teacher:
+        models.append(("teacher", "--teacher" if options.teacher else "teacher_model_name_or_path", teacher))
+    configs = _model_configs(models, options.trust_remote_code)
+    task = task_of(configs["student"])
+    tokenizers = load_tokenizers(models, _named_tokenizer(options, recipe), options.trust_remote_code)
+    scores_generations = task == "seq2seq" and not options.no_rouge
+    metric = _load_metric(getattr(options, "metric", "rouge")) if scores_generations else None
     raw_splits = load_raw_datasets(data_args, task)
     if split not in raw_splits:
         raise ConfigError(f"--split {split!r} is not a split of the data: {sorted(raw_splits)}.")
@@ -173,22 +264,32 @@ def evaluate_pair(options: argparse.Namespace) -> dict[str, dict[str, float]]:
         check_columns(raw, {"text_column": data_args.text_column})
 
     device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    # (role, the option that named the model, its path)
-    models = [("student", "--student", options.student)]
-    if teacher:
-        models.append(("teacher", "--teacher" if options.teacher else "teacher_model_name_or_path", teacher))
-    for _, key, path in models:  # every model can be found, before any is evaluated
-        found = task_of(_load_config(key, path, options.trust_remote_code, None))
-        if found != task:
-            raise ConfigError(f"{key}={path!r} is {found} but the student is {task}.")
     results = {}
     for role, key, path in models:
-        others = [(k, p) for r, k, p in models if r != role]
-        tokenizer = load_tokenizer([(key, path), *others], options.trust_remote_code)
         model = load_model(key, path, options.dtype, device, options.trust_remote_code)
-        results[role] = evaluate_model(model, tokenizer, raw, data_args, options)
+        results[role] = evaluate_model(model, tokenizers[role], raw, data_args, options, metric)
         del model
     return results
+
+
+def _named_tokenizer(options: argparse.Namespace, recipe: dict[str, Any]) -> tuple[str, str] | None:
+    if options.tokenizer:
+        return "--tokenizer", options.tokenizer
+    if recipe.get("tokenizer_name_or_path"):
+        return "tokenizer_name_or_path", recipe["tokenizer_name_or_path"]
+    return None
+
+
+def _model_configs(models: list[tuple[str, str, str]], trust: bool) -> dict[str, PretrainedConfig]:
+    """Every model's config (so every model can be found, before any is loaded), all of the student's kind."""
+    configs = {}
+    for role, key, path in models:
+        check_path(key, path)
+        configs[role] = _load_config(key, path, trust, None)
+        found, task = task_of(configs[role]), task_of(configs["student"])
+        if found != task:
+            raise ConfigError(f"{key}={path!r} is {found} but the student is {task}.")
+    return configs
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:
@@ -223,8 +324,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="compare a saved student with its teacher: size, perplexity, ROUGE, generation speed",
         description=textwrap.fill(
             "Evaluate a saved student beside its teacher on the same rows: parameter count, perplexity on the "
-            "targets (the text, for causal models), ROUGE F-measures of the generations (encoder-decoder "
-            "models) and greedy generation speed (tokens/s, every row generating exactly --max_new_tokens). "
+            "targets (the text, for causal models), --metric scores of the generations (ROUGE F-measures by "
+            "default; encoder-decoder models) and greedy generation speed (tokens/s, every row generating "
+            "exactly --max_new_tokens). "
             "Data options default to those of --config, a recipe config.",
             100,
         ),
@@ -240,7 +342,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     models.add_argument("--student", required=True, help="directory (or Hub id) of the distilled student")
     models.add_argument("--teacher", help="the teacher (default: teacher_model_name_or_path of --config)")
     models.add_argument("--config", metavar="FILE.yaml", help="recipe config to take the teacher and data from")
-    models.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
+    models.add_argument(
+        "--tokenizer",
+        metavar="DIR",
+        help="the student's tokenizer (default: tokenizer_name_or_path of --config, else the student's own, else the "
+        "teacher's)",
+    )
+    models.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16", "auto"],
+        help="dtype the models are loaded in (default float32; auto: as saved)",
+    )
     models.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     models.add_argument("--trust_remote_code", action="store_true", help="only for repositories you have read")
 
@@ -257,10 +370,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     data.add_argument("--max_samples", type=int, default=None, help="evaluate on the first N rows only")
 
     run_group = parser.add_argument_group("evaluation")
-    run_group.add_argument("--batch_size", type=int, default=8)
+    run_group.add_argument("--batch_size", type=int, default=8, help="rows per batch (default 8)")
     run_group.add_argument("--max_new_tokens", type=int, default=64, help="tokens generated per row")
     run_group.add_argument("--num_beams", type=int, default=1, help="beams for the ROUGE generations")
-    run_group.add_argument("--no_rouge", action="store_true", help="skip the generations for ROUGE")
+    run_group.add_argument(
+        "--metric",
+        default="rouge",
+        metavar="NAME_OR_PATH",
+        help="evaluate metric for the generations: rouge (default, hf_kd's offline ROUGE), a local metric folder or "
+        "script, or a Hub metric name already in evaluate's cache",
+    )
+    run_group.add_argument("--no_rouge", action="store_true", help="skip the generations scored by --metric")
     run_group.add_argument("--no_speed", action="store_true", help="skip the generation-speed measurement")
     run_group.add_argument("--speed_samples", type=int, default=32, help="rows timed for generation speed")
     run_group.add_argument("--speed_input_length", type=int, default=128, help="prompt tokens kept when timing")

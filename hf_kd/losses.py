@@ -61,6 +61,10 @@ def jsd(student_log: torch.Tensor, teacher_log: torch.Tensor, beta: float = 0.5)
 
 def skew_forward_kl(student_log: torch.Tensor, teacher_log: torch.Tensor, skew: float = 0.1) -> torch.Tensor:
     """Skew KL of DistiLLM (Ko et al. 2024): KL(p || skew * p + (1 - skew) * q)."""
+    if skew >= 1.0:
+        # KL(p || p) = 0 whatever the student. An empty slice of its log-probabilities ties the zero to the
+        # student's graph, so that backward gives zero gradients instead of finding nothing to differentiate.
+        return student_log[..., :0].sum(-1)
     return _kl(teacher_log, _mixture(teacher_log, student_log, skew))
 
 
@@ -101,6 +105,19 @@ def log_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     if temperature != 1.0:  # a pass over [tokens, vocab] saved in the common case
         logits = logits / temperature
     return F.log_softmax(logits, dim=-1).clamp_min(MIN_LOG_PROB)
+
+
+def mix_terms(ce: torch.Tensor, kd: torch.Tensor, alpha: float, temperature: float) -> torch.Tensor:
+    """``alpha * ce + (1 - alpha) * temperature**2 * kd``, a term whose weight is 0 left out.
+
+    Left out rather than multiplied by 0: an infinite CE (a target the student rules out with -inf) would
+    otherwise make an alpha = 0 loss NaN.
+    """
+    if alpha <= 0.0:
+        return temperature**2 * kd
+    if alpha >= 1.0:
+        return ce
+    return alpha * ce + (1.0 - alpha) * temperature**2 * kd
 
 
 @dataclass
@@ -184,11 +201,7 @@ def distillation_loss(
     normalizer = num_items_in_batch if num_items_in_batch is not None else max(num_tokens, 1)
     if torch.is_tensor(normalizer):
         normalizer = normalizer.to(kd_sum.device)
-    # A weightless term is left out rather than multiplied by 0: an infinite CE (a target the student rules out
-    # with -inf) would otherwise make an alpha = 0 loss NaN.
-    ce_term = alpha * ce_sum if alpha > 0.0 else 0.0
-    kd_term = (1.0 - alpha) * temperature**2 * kd_sum if alpha < 1.0 else 0.0
-    total = (ce_term + kd_term) / normalizer
+    total = mix_terms(ce_sum, kd_sum, alpha, temperature) / normalizer
     if num_tokens == 0:
         # No target token: a zero tied to the student's graph, so that backward gives zero gradients; not the
         # quotient, which is 0 / 0 = NaN when num_items_in_batch counts no target either.

@@ -1,35 +1,56 @@
 """Offline evaluation metrics: ROUGE, perplexity, parameter counts and generation speed.
 
-Nothing here reaches the Hub: ROUGE is computed with the ``rouge_score`` package (the one behind
-``evaluate.load("rouge")``) and the rest with plain torch.
+Nothing here reaches the Hub: ROUGE is hf_kd's local `evaluate` metric (:data:`ROUGE_PATH`, a copy of the Hub's
+``rouge`` on the same ``rouge_score`` package) and the rest is plain torch.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
-from rouge_score import rouge_scorer
 from torch import nn
+
+if TYPE_CHECKING:
+    from evaluate import EvaluationModule
 
 IGNORE_INDEX = -100
 DEFAULT_ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+ROUGE_PATH = str(Path(__file__).resolve().parent / "evaluate_metrics" / "rouge")
+"""The folder of hf_kd's ROUGE `evaluate` module: ``evaluate.load(ROUGE_PATH)`` works offline."""
 
 
 # ---- ROUGE -----------------------------------------------------------------------------------------------
 
 
-class _CallableTokenizer:
-    """rouge_score wants an object with ``tokenize``; evaluate's rouge takes a plain callable."""
+def load_metric(name_or_path: str = "rouge", **load_kwargs: Any) -> EvaluationModule:
+    """``evaluate.load`` with ``"rouge"`` meaning hf_kd's local ROUGE; any other name or path goes to evaluate.
 
-    def __init__(self, func: Callable[[str], list[str]]) -> None:
-        self.func = func
+    A Hub metric name loads offline only when it is already in evaluate's cache. ``keep_in_memory`` defaults to
+    True: the predictions are held in memory rather than in cache files that concurrent processes would share.
+    """
+    import evaluate  # imported on use: it is slow to import and most of hf_kd does not need it
 
-    def tokenize(self, text: str) -> list[str]:
-        return self.func(text)
+    load_kwargs.setdefault("keep_in_memory", True)
+    return evaluate.load(ROUGE_PATH if name_or_path == "rouge" else name_or_path, **load_kwargs)
+
+
+def load_rouge(**load_kwargs: Any) -> EvaluationModule:
+    """hf_kd's ROUGE `evaluate` metric: ``load_rouge().compute(predictions=..., references=...)``.
+
+    Arguments, defaults and result keys are those of ``evaluate.load("rouge")`` (see :data:`ROUGE_PATH`).
+    """
+    return load_metric("rouge", **load_kwargs)
+
+
+@functools.lru_cache(maxsize=1)
+def _shared_rouge() -> EvaluationModule:
+    return load_rouge()  # loaded once per process: `rouge` is called once per evaluation or batch
 
 
 def rouge(
@@ -40,30 +61,28 @@ def rouge(
     use_stemmer: bool = False,
     tokenizer: Callable[[str], list[str]] | None = None,
 ) -> dict[str, Any]:
-    """ROUGE F-measures, with the arguments and result keys of ``evaluate.load("rouge").compute``.
+    """ROUGE F-measures in [0, 1] from hf_kd's local `evaluate` metric (:func:`load_rouge`).
 
     ``references`` holds one string per prediction, or a list of strings (the best-matching one counts).
     With ``use_aggregator`` each key maps to the mean F-measure over the examples; without it, to the list of
-    per-example F-measures. Unlike evaluate, the mean is exact rather than the median of bootstrap resamples
-    (which approximates it), so the result is deterministic.
+    per-example F-measures. Unlike the Hub's ``rouge``, the mean is exact rather than the median of bootstrap
+    resamples (which approximates it), so the result is deterministic.
     """
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references.")
     rouge_types = list(rouge_types or DEFAULT_ROUGE_TYPES)
-    scorer = rouge_scorer.RougeScorer(
-        rouge_types, use_stemmer=use_stemmer, tokenizer=_CallableTokenizer(tokenizer) if tokenizer else None
+    if not predictions:  # evaluate refuses an empty batch
+        return {key: [] if not use_aggregator else 0.0 for key in rouge_types}
+    if not all(isinstance(r, str) for r in references):  # evaluate wants one reference format for the batch
+        references = [[r] if isinstance(r, str) else list(r) for r in references]
+    return _shared_rouge().compute(
+        predictions=list(predictions),
+        references=list(references),
+        rouge_types=rouge_types,
+        use_aggregator=use_aggregator,
+        use_stemmer=use_stemmer,
+        tokenizer=tokenizer,
     )
-    per_example = {key: [] for key in rouge_types}
-    for prediction, reference in zip(predictions, references, strict=True):
-        if isinstance(reference, str):
-            scores = scorer.score(reference, prediction)
-        else:
-            scores = scorer.score_multi(list(reference), prediction)
-        for key in rouge_types:
-            per_example[key].append(scores[key].fmeasure)
-    if not use_aggregator:
-        return per_example
-    return {key: (sum(values) / len(values) if values else 0.0) for key, values in per_example.items()}
 
 
 class Rouge:

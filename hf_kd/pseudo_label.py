@@ -18,7 +18,9 @@ they can be changed without generating again.
 from __future__ import annotations
 
 import argparse
+import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +28,24 @@ import torch
 from datasets import Dataset, Features, Value, concatenate_datasets
 from torch import nn
 
-from hf_kd.cache import config_hash, dataset_hash, tokenizer_hash, weights_hash
+from hf_kd.cache import (
+    config_hash,
+    dataset_hash,
+    load_model_for_cli,
+    load_tokenised,
+    rebuild_reporter,
+    rebuilt_note,
+    run_command,
+    tokenizer_hash,
+    weights_hash,
+)
 from hf_kd.metrics import rouge
-from hf_kd.shards import load_sharded, write_sharded
+from hf_kd.recipe_args import ConfigError
+from hf_kd.shards import ShardError, load_sharded, write_sharded
 
 PSEUDO_KIND = "hf-kd-pseudo-labels"
+COMMAND = "`hf-kd pseudo-label`"
+ASSEMBLED = "dataset"  # <output>/dataset: the assembled training set the command writes beside its shards
 TARGET_SOURCES = ("teacher", "reference", "both")
 
 
@@ -110,14 +125,21 @@ def generate_pseudo_labels(
     generation_kwargs: dict[str, Any] | None = None,
     overwrite: bool = False,
     on_shard: Any = None,
+    on_rebuild: Callable[[int, str], None] | None = None,
 ) -> Path:
     """Generate the teacher's output for every row of ``dataset`` into resumable shards under ``output_dir``.
 
     Deterministic decoding only (greedy, or beam search with ``num_beams > 1``), so that a resumed run
-    equals an uninterrupted one. Read the result with :func:`assemble`.
+    equals an uninterrupted one. Read the result with :func:`assemble`. A run on an existing output first
+    verifies its shards and generates the missing or corrupt ones again (``on_rebuild(index, problem)``);
+    ``overwrite`` replaces an output made with other settings (its manifest, shards and ``dataset``, nothing
+    else). Bad arguments or data raise :class:`~hf_kd.recipe_args.ConfigError`.
     """
-    if source_column not in dataset.column_names:
-        raise ValueError(f"source_column={source_column!r} is not a column of the data: {dataset.column_names}.")
+    check_text_dataset(dataset, "the data set", source_column, target_column)
+    for name, value in (("max_source_length", max_source_length), ("max_new_tokens", max_new_tokens),
+                        ("num_beams", num_beams), ("batch_size", batch_size)):  # fmt: skip
+        if value < 1:
+            raise ConfigError(f"{name}={value} must be 1 or more; pass a positive count.")
     settings = {
         "source_column": source_column,
         "target_column": target_column,
@@ -152,6 +174,9 @@ def generate_pseudo_labels(
             desc="Pseudo-labelling",
             overwrite=overwrite,
             on_shard=on_shard,
+            owned=(ASSEMBLED,),
+            on_rebuild=on_rebuild,
+            command=COMMAND,
         )
     finally:
         teacher.train(was_training)
@@ -172,17 +197,18 @@ def assemble(
     """The training data set: ``dataset``'s rows with ``target_column`` taken from the teacher, the reference or
     both (see the module docstring), teacher outputs outside the filter thresholds left out."""
     if target_source not in TARGET_SOURCES:
-        raise ValueError(f"target_source={target_source!r}: choose one of {TARGET_SOURCES}.")
-    labels, manifest = load_sharded(labels_dir)
+        raise ConfigError(f"target_source={target_source!r}; choose one of {TARGET_SOURCES}.")
+    labels, manifest = load_sharded(labels_dir, command=COMMAND)
     fp = manifest["fingerprint"]
+    if fp.get("kind") != PSEUDO_KIND:
+        raise ShardError(f"{labels_dir} holds no pseudo-labels (kind {fp.get('kind')!r}); make them with {COMMAND}.")
     if len(dataset) != fp["dataset_rows"] or dataset_hash(dataset, _hashed(fp, dataset)) != fp["dataset_sha256"]:
-        raise ValueError(f"The pseudo-labels in {labels_dir} were generated for another data set.")
-    has_reference = target_column in dataset.column_names
-    if not has_reference and (target_source != "teacher" or min_rouge_l is not None or max_wer is not None):
-        raise ValueError(
-            f"target_source={target_source!r} and the filters need the reference column {target_column!r}, "
-            f"which the data set lacks: {dataset.column_names}."
+        raise ShardError(
+            f"The pseudo-labels in {labels_dir} were generated for another data set; assemble them with the data "
+            f"set they were made from, or run {COMMAND} on this one."
         )
+    has_reference = target_column in dataset.column_names
+    check_reference(dataset, target_column, target_source, min_rouge_l, max_wer)
     keep = [True] * len(labels)
     if min_rouge_l is not None:
         keep = [k and s >= min_rouge_l for k, s in zip(keep, labels["teacher_rouge_l"], strict=True)]
@@ -203,6 +229,39 @@ def assemble(
     return concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 
 
+def check_reference(
+    dataset: Dataset, target_column: str, target_source: str, min_rouge_l: float | None, max_wer: float | None
+) -> None:
+    """References are needed for ``target_source`` other than "teacher" and for the filters."""
+    if target_column in dataset.column_names:
+        return
+    if target_source != "teacher" or min_rouge_l is not None or max_wer is not None:
+        raise ConfigError(
+            f"target_source={target_source!r} and the filters need the reference column {target_column!r}, "
+            f"which the data set lacks (its columns: {', '.join(dataset.column_names)}); name it with "
+            "--target-column, or use --target-source teacher without filters."
+        )
+
+
+def check_text_dataset(dataset: Dataset, name: str, source_column: str, target_column: str | None) -> None:
+    """Refuse a data set without rows, or whose source (and reference, when present) are not text."""
+    if len(dataset) == 0:
+        raise ConfigError(f"{name} has no rows; pass a data set with at least one example.")
+    columns = ", ".join(dataset.column_names)
+    if source_column not in dataset.column_names:
+        raise ConfigError(
+            f"{name} has no column {source_column!r} (its columns: {columns}); name the source text with "
+            "--source-column."
+        )
+    for column in (source_column, target_column):
+        feature = dataset.features.get(column) if column is not None else None
+        if feature is not None and getattr(feature, "dtype", None) not in ("string", "large_string"):
+            raise ConfigError(
+                f"{name}: column {column!r} holds {feature}, not text; pseudo-label reads raw text (a data set "
+                "before tokenisation)."
+            )
+
+
 def _hashed(fingerprint: dict[str, Any], dataset: Dataset) -> tuple[str, ...]:
     names = (fingerprint["source_column"], fingerprint["target_column"])
     return tuple(c for c in names if c is not None and c in dataset.column_names)
@@ -220,33 +279,71 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--teacher", required=True, help="Teacher model folder or Hub id.")
     parser.add_argument("--dataset", required=True, help="A text data set saved with save_to_disk.")
     parser.add_argument("--split", default=None, help="Split to label when --dataset is a DatasetDict.")
-    parser.add_argument("--output", required=True)
+    parser.add_argument("--output", required=True, help="Folder for shards/ and the assembled dataset/.")
     parser.add_argument("--tokenizer", default=None, help="Tokenizer folder (default: the teacher's).")
-    parser.add_argument("--source-column", required=True)
+    parser.add_argument("--source-column", required=True, help="Column the teacher reads.")
     parser.add_argument("--target-column", default="target", help="Reference column, and where targets go.")
-    parser.add_argument("--source-prefix", default="")
-    parser.add_argument("--max-source-length", type=int, default=512)
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--source-prefix", default="", help="Text put before every source (e.g. 'summarize: ').")
+    parser.add_argument("--max-source-length", type=int, default=512, help="Source tokens kept (default 512).")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="Tokens generated per row (default 128).")
     parser.add_argument("--num-beams", type=int, default=1, help="1: greedy; more: beam search.")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--shard-size", type=int, default=1000)
-    parser.add_argument("--target-source", choices=TARGET_SOURCES, default="teacher")
+    parser.add_argument("--batch-size", type=int, default=8, help="Rows per generation batch (default 8).")
+    parser.add_argument("--shard-size", type=int, default=1000, help="Rows per resumable shard (default 1000).")
+    parser.add_argument(
+        "--target-source",
+        choices=TARGET_SOURCES,
+        default="teacher",
+        help="Targets of the assembled data set: the teacher's outputs (default), the references, or both.",
+    )
     parser.add_argument("--min-rouge-l", type=float, default=None, help="Drop teacher outputs below this ROUGE-L.")
     parser.add_argument("--max-wer", type=float, default=None, help="Drop teacher outputs above this WER.")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--trust-remote-code", action="store_true")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--device", default=None, help="cuda, cpu ... (default: cuda when available).")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="dtype the teacher runs in (default auto: as saved).",
+    )
+    parser.add_argument(
+        "--trust-remote-code", action="store_true", help="Run the repository's model code (only one you have read)."
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Start over in an output folder made with other settings (deletes its manifest, shards/ and dataset/, "
+        "nothing else).",
+    )
     parser.set_defaults(run=run)
     return parser
 
 
-def run(args: argparse.Namespace) -> int:
-    from hf_kd.cache import load_model_for_cli, load_tokenised
+def _check_cli_numbers(args: argparse.Namespace) -> None:
+    for option, example in (("max_source_length", 512), ("max_new_tokens", 128), ("num_beams", 1), ("batch_size", 8),
+                            ("shard_size", 1000)):  # fmt: skip
+        value = getattr(args, option)
+        if value < 1:
+            flag = f"--{option.replace('_', '-')}"
+            raise ConfigError(f"{flag} {value} must be 1 or more; pass e.g. {flag} {example}.")
+    for option in ("min_rouge_l", "max_wer"):
+        value = getattr(args, option)
+        if value is not None and not math.isfinite(value):
+            raise ConfigError(f"--{option.replace('_', '-')} {value} must be a finite number; pass e.g. 0.5.")
 
-    teacher, tokenizer = load_model_for_cli(args)
+
+def run(args: argparse.Namespace) -> int:
+    return run_command("pseudo-label", _pseudo_label, args)
+
+
+def _pseudo_label(args: argparse.Namespace) -> int:
+    _check_cli_numbers(args)
     dataset = load_tokenised(args.dataset, args.split)
     target = args.target_column if args.target_column in dataset.column_names else None
+    check_text_dataset(dataset, f"--dataset {args.dataset}", args.source_column, target)
+    check_reference(dataset, args.target_column, args.target_source, args.min_rouge_l, args.max_wer)
+    teacher, tokenizer = load_model_for_cli(args)
+    if tokenizer is None:
+        raise ConfigError(f"--teacher {args.teacher} has no tokenizer files; name one with --tokenizer.")
+    rebuilt: list[int] = []
     generate_pseudo_labels(
         teacher,
         tokenizer,
@@ -261,6 +358,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         shard_size=args.shard_size,
         overwrite=args.overwrite,
+        on_rebuild=rebuild_reporter(args.output, rebuilt),
     )
     result = assemble(
         dataset,
@@ -270,7 +368,7 @@ def run(args: argparse.Namespace) -> int:
         min_rouge_l=args.min_rouge_l,
         max_wer=args.max_wer,
     )
-    out = Path(args.output) / "dataset"
+    out = Path(args.output) / ASSEMBLED
     result.save_to_disk(str(out))
-    print(f"{len(result)} rows ({args.target_source} targets) written to {out}.")
+    print(f"{len(result)} rows ({args.target_source} targets) written to {out}{rebuilt_note(rebuilt)}.")
     return 0

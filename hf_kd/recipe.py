@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 import textwrap
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,6 +27,7 @@ from transformers import (
     PreTrainedModel,
     default_data_collator,
 )
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, get_last_checkpoint
 
 from hf_kd.config import DistillationConfig
 from hf_kd.recipe_args import (
@@ -32,11 +35,14 @@ from hf_kd.recipe_args import (
     ConfigError,
     DataArguments,
     ModelArguments,
+    check_model_folder,
+    check_output_folder,
+    check_source_path,
     parse_recipe_config,
     recipe_parser,
 )
 from hf_kd.recipe_data import check_columns, load_raw_datasets, select_splits, tokenize_causal, tokenize_seq2seq
-from hf_kd.teacher import TokenizerMismatchError
+from hf_kd.teacher import TokenizerMismatchError, has_vocabulary
 from hf_kd.trainer import DistillationTrainer
 
 logger = logging.getLogger(__name__)
@@ -111,9 +117,13 @@ def load_tokenizer(model_args: ModelArguments, args: DistillationConfig, cache_d
     errors = []
     for key, name in candidates:
         try:
-            return AutoTokenizer.from_pretrained(name, trust_remote_code=trust, cache_dir=cache_dir)
+            tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust, cache_dir=cache_dir)
         except (OSError, ValueError) as err:
             errors.append(f"{key}={name!r}: {_first_line(err)}")
+            continue
+        if has_vocabulary(tokenizer):  # transformers 5 builds an empty one for a folder without tokenizer files
+            return tokenizer
+        errors.append(f"{key}={name!r}: no tokenizer files there")
     raise ConfigError("No tokenizer could be loaded: " + "; ".join(errors or ["none named"]))
 
 
@@ -127,9 +137,15 @@ def _max_positions(*configs: PretrainedConfig) -> int | None:
     return min(limits) if limits else None
 
 
-def rouge_metrics(tokenizer: Any):  # noqa: ANN201
-    """compute_metrics for predict_with_generate: ROUGE F-measures (hf_kd.metrics) of the decoded outputs."""
-    from hf_kd.metrics import rouge
+def rouge_metrics(tokenizer: Any, metric: str = "rouge"):  # noqa: ANN201
+    """compute_metrics for predict_with_generate: the `evaluate` ``metric`` of the decoded outputs.
+
+    ``metric`` is ``"rouge"`` (hf_kd's offline ROUGE F-measures, :func:`hf_kd.metrics.load_rouge`), a local
+    metric folder or a Hub metric name in evaluate's cache. It is loaded here, before any training.
+    """
+    from hf_kd.metrics import load_metric
+
+    scorer = load_metric(metric)
 
     def compute(eval_pred: Any) -> dict[str, float]:
         predictions, labels = eval_pred.predictions, eval_pred.label_ids
@@ -140,9 +156,60 @@ def rouge_metrics(tokenizer: Any):  # noqa: ANN201
         labels = np.where(labels < 0, pad, labels)
         decoded = tokenizer.batch_decode(predictions, skip_special_tokens=True)
         references = tokenizer.batch_decode(labels, skip_special_tokens=True)
-        return rouge([p.strip() for p in decoded], [r.strip() for r in references])
+        return scorer.compute(predictions=[p.strip() for p in decoded], references=[r.strip() for r in references])
 
     return compute
+
+
+def _sources(model_args: ModelArguments, data_args: DataArguments, args: DistillationConfig) -> dict[str, str | None]:
+    """The config keys that name something the recipe reads, and what they name."""
+    files = data_args.data_files
+    return {
+        "teacher_model_name_or_path": args.teacher_model_name_or_path,
+        "student_model_name_or_path": model_args.student_model_name_or_path,
+        "student_config": model_args.student_config,
+        "tokenizer_name_or_path": model_args.tokenizer_name_or_path,
+        "teacher_cache": args.teacher_cache,
+        "dataset_name": data_args.dataset_name,
+        **({f"data_files ({k})": v for k, v in files.items()} if isinstance(files, dict) else {"data_files": files}),
+    }
+
+
+def check_paths(model_args: ModelArguments, data_args: DataArguments, args: DistillationConfig) -> None:
+    """Before anything is loaded: the named paths exist, the model folders can be loaded, and the folder written
+    to is neither a source nor a finished run (unless overwrite_output_dir or resume_from_checkpoint says so)."""
+    sources = _sources(model_args, data_args, args)
+    for key in ("teacher_model_name_or_path", "student_model_name_or_path", "student_config", "tokenizer_name_or_path"):
+        check_source_path(key, sources[key])
+    init_kwargs = args.teacher_model_init_kwargs or {}
+    check_model_folder(
+        "teacher_model_name_or_path", args.teacher_model_name_or_path, init_kwargs.get("use_safetensors", True)
+    )
+    check_model_folder("student_model_name_or_path", model_args.student_model_name_or_path)
+    overwrite = model_args.overwrite_output_dir
+    if data_args.save_tokenized_train:
+        check_output_folder("save_tokenized_train", data_args.save_tokenized_train, sources, overwrite)
+    else:
+        resume = args.resume_from_checkpoint not in (None, "", "false", "False")
+        check_output_folder("output_dir", args.output_dir, sources, overwrite, resume)
+
+
+def resume_point(args: DistillationConfig) -> str | None:
+    """``resume_from_checkpoint`` as a checkpoint folder: ``true`` is output_dir's last checkpoint."""
+    value = args.resume_from_checkpoint
+    if value in (None, "", "false", "False"):
+        return None
+    if value in ("true", "True"):
+        last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+        if last is None:
+            raise ConfigError(
+                f"resume_from_checkpoint=true: output_dir={args.output_dir!r} holds no checkpoint-N folder; name "
+                "the checkpoint folder, or leave resume_from_checkpoint unset to start a new run."
+            )
+        return last
+    if not Path(value).is_dir():
+        raise ConfigError(f"resume_from_checkpoint={value!r}: no such checkpoint folder.")
+    return value
 
 
 def prepare(
@@ -176,6 +243,13 @@ def prepare(
     with args.main_process_first(desc="loading the data"):
         raw = load_raw_datasets(data_args, found)
     train, evaluation = select_splits(raw, data_args)
+    if evaluation is None and args.eval_strategy != IntervalStrategy.NO:
+        if args.load_best_model_at_end:
+            raise ConfigError(
+                "load_best_model_at_end needs an eval split: give one, or set validation_split_percentage above 0."
+            )
+        logger.warning("No eval split (eval_split=%r): evaluation is off for this run.", data_args.eval_split)
+        args.eval_strategy = IntervalStrategy.NO
     columns = (
         {"source_column": data_args.source_column, "target_column": data_args.target_column}
         if found == "seq2seq"
@@ -222,21 +296,21 @@ def run_recipe(
 
     Returns the train metrics merged with the eval metrics.
     """
+    check_paths(model_args, data_args, args)
+    checkpoint = None if data_args.save_tokenized_train else resume_point(args)
     parts = prepare(model_args, data_args, args, task)
     parts.pop("task")
     if data_args.save_tokenized_train:
         parts["train_dataset"].save_to_disk(data_args.save_tokenized_train)
-        logger.info(
-            "Tokenised training split (%d rows) saved to %s; next: hf-kd cache-teacher --dataset %s",
-            len(parts["train_dataset"]), data_args.save_tokenized_train, data_args.save_tokenized_train,
-        )  # fmt: skip
         return {"train_samples": len(parts["train_dataset"])}
     use_cache = getattr(parts["model"].config, "use_cache", None)
     try:
         trainer = DistillationTrainer(args=args, **parts)
     except TokenizerMismatchError as err:  # the config pairs models that cannot be compared token by token
         raise ConfigError(" ".join(str(err).split())) from None
-    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    if model_args.overwrite_output_dir and checkpoint is None and trainer.is_world_process_zero():
+        _remove_old_checkpoints(args.output_dir)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
     if use_cache is not None:  # activation checkpointing turns the KV cache off; the saved student wants it on
         trainer.model.config.use_cache = use_cache
     metrics = dict(result.metrics)
@@ -244,13 +318,17 @@ def run_recipe(
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
     trainer.save_state()
+    trainer.save_model()  # before the final evaluation: if that fails, the trained student is kept
     if parts["eval_dataset"] is not None:
-        eval_metrics = _final_eval_metrics(trainer) or trainer.evaluate()
+        try:
+            eval_metrics = _final_eval_metrics(trainer) or trainer.evaluate()
+        except Exception:
+            logger.error("The final evaluation failed; the trained student is saved in %s.", args.output_dir)
+            raise
         eval_metrics["eval_samples"] = len(parts["eval_dataset"])
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
-    trainer.save_model()
     on_hub = data_args.dataset_name not in (None, STDLIB_DOCSTRINGS)
     trainer.create_model_card(  # the base model is left to the trainer: it names Hub checkpoints only
         model_name=args.hub_model_id or None,
@@ -262,6 +340,15 @@ def run_recipe(
     if args.push_to_hub:
         trainer.push_to_hub()
     return metrics
+
+
+def _remove_old_checkpoints(output_dir: str) -> None:
+    """overwrite_output_dir: the replaced run's checkpoint folders go, so that a later resume cannot continue it."""
+    old = sorted(Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*")) if Path(output_dir).is_dir() else []
+    if old:
+        logger.warning("overwrite_output_dir: deleting the replaced run's %s.", ", ".join(p.name for p in old))
+    for path in old:
+        shutil.rmtree(path)
 
 
 def _final_eval_metrics(trainer: DistillationTrainer) -> dict[str, float] | None:
@@ -337,9 +424,22 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"hf-kd distill: error: {err}", file=sys.stderr)
         return 2
+    if data_args.save_tokenized_train:
+        print(_tokenised_message(data_args, training_args, metrics["train_samples"]))
+        return 0
     logger.info("Distillation finished: %s", metrics)
     print(f"Saved the student to {training_args.output_dir}")
     return 0
+
+
+def _tokenised_message(data_args: DataArguments, args: DistillationConfig, rows: int) -> str:
+    folder = data_args.save_tokenized_train
+    teacher = args.teacher_model_name_or_path or "TEACHER"
+    return (
+        f"Saved the tokenised training split ({rows} rows) to {folder}; nothing was trained. Next: hf-kd "
+        f"cache-teacher --teacher {teacher} --dataset {folder} --output CACHE, then train with --teacher_cache CACHE "
+        "(docs/recipes.md, Training from a teacher cache)."
+    )
 
 
 def main(task: str, argv: Sequence[str] | None = None) -> int:
@@ -353,8 +453,10 @@ def main(task: str, argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         model_args, data_args, training_args = parse_recipe_config(argv[0], argv[1:])
-        run_recipe(model_args, data_args, training_args, task=task)
+        metrics = run_recipe(model_args, data_args, training_args, task=task)
     except ConfigError as err:
         print(f"{script}: error: {err}", file=sys.stderr)
         return 2
+    if data_args.save_tokenized_train:
+        print(_tokenised_message(data_args, training_args, metrics["train_samples"]))
     return 0

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import enum
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+from safetensors import safe_open
 from transformers import HfArgumentParser
 
 from hf_kd.config import DistillationConfig
@@ -32,7 +36,10 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelArguments:
-    """Which student to distill, and how to load it. The teacher is ``teacher_model_name_or_path``."""
+    """Which student to distill, how to load it, and whether a finished run in ``output_dir`` may be replaced.
+
+    The teacher is ``teacher_model_name_or_path``.
+    """
 
     student_model_name_or_path: str | None = field(
         default=None,
@@ -61,6 +68,14 @@ class ModelArguments:
         metadata={
             "help": "dtype the student's weights are loaded in: float32 (default; keep it for mixed-precision "
             "training with bf16/fp16), bfloat16, float16 or auto."
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace what a non-empty output_dir (or save_tokenized_train folder) holds. Without it (or "
+            "resume_from_checkpoint) the recipe refuses such a folder. Never allowed for the teacher's, the "
+            "student's, the tokenizer's or the data's own folder."
         },
     )
 
@@ -98,7 +113,17 @@ class DataArguments:
     train_split: str = field(default="train", metadata={"help": "Split to train on."})
     eval_split: str | None = field(
         default="validation",
-        metadata={"help": "Split to evaluate on; skipped when the data set has no such split. null disables it."},
+        metadata={
+            "help": "Split to evaluate on. When the data has no such split, validation_split_percentage of the "
+            "train split is held out instead. null: no evaluation."
+        },
+    )
+    validation_split_percentage: int = field(
+        default=5,
+        metadata={
+            "help": "When the data has no eval_split: the percentage of the train split (its first rows, as in "
+            "transformers' run_clm.py) held out to evaluate on. 0: no evaluation."
+        },
     )
     source_column: str = field(default="article", metadata={"help": "Input text column (encoder-decoder)."})
     target_column: str = field(default="highlights", metadata={"help": "Target text column (encoder-decoder)."})
@@ -139,6 +164,11 @@ class DataArguments:
         for name in ("max_source_length", "max_target_length", "block_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be a positive number of tokens.")
+        if not 0 <= self.validation_split_percentage < 100:
+            raise ConfigError(
+                f"validation_split_percentage={self.validation_split_percentage} must be between 0 (no evaluation) "
+                "and 99."
+            )
         for name in ("max_train_samples", "max_eval_samples"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be a positive number of rows or null.")
@@ -318,6 +348,8 @@ def load_yaml_config(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {str(path)!r}.")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: {not_utf8(path.read_bytes(), err)}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
@@ -329,14 +361,123 @@ def load_yaml_config(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def not_utf8(data: bytes, err: UnicodeDecodeError, first_line: int = 1) -> str:
+    """The message for text that is not UTF-8: where the first bad byte is, and how to convert the file.
+
+    ``data`` starts at line ``first_line`` of the file.
+    """
+    line = data[: err.start].count(b"\n") + first_line
+    return (
+        f"not UTF-8 text (byte 0x{data[err.start]:02x} on line {line}); re-save it as UTF-8, e.g. "
+        "iconv -f latin1 -t utf-8 FILE > FILE.utf8"
+    )
+
+
 def build_recipe_args(values: dict[str, Any]) -> tuple[ModelArguments, DataArguments, DistillationConfig]:
     """The three argument objects from checked values; their own validation errors become ConfigErrors."""
     try:
-        return recipe_parser().parse_dict(values)  # type: ignore[return-value]
+        built = recipe_parser().parse_dict(values)
     except ConfigError:
         raise
     except (ValueError, TypeError, ImportError) as err:  # a dataclass's own __post_init__ check
         raise ConfigError(" ".join(str(err).split())) from None
+    check_generation(built[2])
+    return built  # type: ignore[return-value]
+
+
+def check_generation(args: DistillationConfig) -> None:
+    """Generation settings that would only fail at the first evaluation, after training, are refused now."""
+    if args.generation_max_length is not None and args.generation_max_length < 2:
+        raise ConfigError(
+            f"generation_max_length={args.generation_max_length}: generation needs at least 2 tokens (the "
+            "decoder's start token counts); set it to the target length, e.g. max_target_length, or null."
+        )
+    if args.generation_num_beams is not None and args.generation_num_beams < 1:
+        raise ConfigError(
+            f"generation_num_beams={args.generation_num_beams}: use 1 (greedy) or more (beam search), or null."
+        )
+
+
+# ---- the folders a recipe reads and writes ----------------------------------------------------------------
+
+
+def check_source_path(key: str, name: str | None) -> None:
+    """A value that can only be a local path (not a Hub id) must exist, before the Hub is asked about it."""
+    if not name or Path(name).exists():
+        return
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise ConfigError(f"{key}={name!r}: no such file or folder; give an existing path or a Hub id.") from None
+
+
+def check_model_folder(key: str, path: str | None, safetensors_only: bool = False) -> None:
+    """A local model folder whose weights cannot be loaded is refused with the fix (Hub ids are left to the Hub).
+
+    ``safetensors_only``: the folder is loaded with ``use_safetensors=True`` (teachers), so pickled
+    ``pytorch_model.bin`` weights alone are refused.
+    """
+    folder = Path(path) if path else None
+    if folder is None or not folder.is_dir():
+        return
+    shards = sorted(folder.glob("*.safetensors"))
+    for shard in shards:
+        try:
+            with safe_open(str(shard), framework="pt"):
+                pass
+        except Exception as err:  # noqa: BLE001 - SafetensorError (truncated, corrupt) or OSError
+            reason = " ".join(str(err).split())[:200]
+            raise ConfigError(
+                f"{key}={path!r}: {shard.name} cannot be read ({reason}); it is truncated or damaged: copy, "
+                "download or save the model again."
+            ) from None
+    pickled = [n for n in ("pytorch_model.bin", "pytorch_model.bin.index.json") if (folder / n).is_file()]
+    if safetensors_only and pickled and not shards:
+        config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+        auto = "AutoModelForSeq2SeqLM" if config.get("is_encoder_decoder") else "AutoModelForCausalLM"
+        raise ConfigError(
+            f"{key}={path!r} holds only {pickled[0]} (pickle); hf_kd loads this model from safetensors only, "
+            f"as pickle files can run code when loaded: convert it once with "
+            f"transformers.{auto}.from_pretrained(DIR).save_pretrained(DIR) if you trust the file."
+        )
+
+
+def holds_model(folder: Path) -> bool:
+    """Whether ``folder`` holds a saved model (its config or weights)."""
+    names = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+    return any((folder / name).is_file() for name in names)
+
+
+def check_output_folder(
+    key: str, output: str | os.PathLike, sources: dict[str, str | None], overwrite: bool, resume: bool = False
+) -> None:
+    """Refuse to write into a source folder (always) or over what a non-empty folder holds (unless asked).
+
+    ``sources`` maps a config key to the path it names; a file (``student_config: dir/config.json``) counts as
+    its folder.
+    """
+    out = Path(output).resolve()
+    for source_key, source in sources.items():
+        if not source or not Path(source).exists():
+            continue
+        folder = Path(source).resolve()
+        folder = folder if folder.is_dir() else folder.parent
+        if out == folder:
+            raise ConfigError(
+                f"{key}={str(output)!r} is the folder of {source_key}: the run would overwrite it; choose "
+                "another folder."
+            )
+    if overwrite or resume or not out.is_dir():
+        return
+    held = sorted(p.name for p in out.iterdir())
+    if not held:
+        return
+    shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+    resume_hint = "--resume_from_checkpoint true to continue its run, " if key == "output_dir" else ""
+    raise ConfigError(
+        f"{key}={str(output)!r} is not empty ({shown}); pass {resume_hint}--overwrite_output_dir true to replace "
+        f"what it holds, or choose another {key}."
+    )
 
 
 def recipe_parser() -> HfArgumentParser:

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from itertools import chain
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset, DatasetDict, load_dataset
+import pyarrow.compute as pc
+from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
-from hf_kd.recipe_args import STDLIB_DOCSTRINGS, ConfigError, DataArguments
+from hf_kd.recipe_args import STDLIB_DOCSTRINGS, ConfigError, DataArguments, not_utf8
+
+logger = logging.getLogger(__name__)
 
 # File extension -> the `datasets` packaged builder that reads it.
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
@@ -17,6 +23,63 @@ _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parq
 def _one_line(err: BaseException) -> str:
     text = " ".join(str(err).split())
     return f"{type(err).__name__}: {text[:300]}"
+
+
+def _unicode_error(err: BaseException) -> UnicodeDecodeError | None:
+    """The UnicodeDecodeError behind ``err`` (datasets wraps it in a DatasetGenerationError), if any."""
+    while err is not None:
+        if isinstance(err, UnicodeDecodeError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _not_utf8_message(data_args: DataArguments, err: UnicodeDecodeError) -> str:
+    """Which data file holds the bytes that are not UTF-8 (searched only once reading has failed)."""
+    files = data_args.data_files
+    paths = [files] if isinstance(files, str) else list((files or {}).values())
+    for path in paths:
+        if not Path(path).is_file():
+            continue
+        with open(path, "rb") as file:
+            for number, line in enumerate(file, start=1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as found:
+                    return f"data_files: {str(path)!r} is {not_utf8(line, found, number)}."
+    return f"the data is not UTF-8 text ({_one_line(err)}); re-save it as UTF-8."
+
+
+@contextmanager
+def utf8_errors_named(data_args: DataArguments) -> Iterator[None]:
+    """Turn a UnicodeDecodeError while reading the data (pyarrow decodes JSON strings lazily) into a ConfigError."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - re-raised unless a decoding error is behind it
+        cause = _unicode_error(err)
+        if cause is None:
+            raise
+        raise ConfigError(_not_utf8_message(data_args, cause)) from None
+
+
+def is_saved_dataset(path: str) -> bool:
+    """Whether ``path`` is a folder written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``."""
+    folder = Path(path)
+    return (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()
+
+
+def _load_saved(paths: dict[str, str]) -> DatasetDict:
+    """Saved data sets (e.g. ``hf-kd pseudo-label``'s ``<output>/dataset``): one folder per split, or a
+    DatasetDict's folder, or a Dataset's folder (the train split)."""
+    splits: dict[str, Dataset] = {}
+    for split, path in paths.items():
+        loaded = load_from_disk(path)
+        if isinstance(loaded, DatasetDict):
+            if len(paths) > 1:
+                raise ConfigError(f"data_files: {str(path)!r} holds several splits ({sorted(loaded)}); name it alone.")
+            return loaded
+        splits[split] = loaded
+    return DatasetDict(splits)
 
 
 def load_raw_datasets(data_args: DataArguments, task: str) -> DatasetDict:
@@ -28,12 +91,18 @@ def load_raw_datasets(data_args: DataArguments, task: str) -> DatasetDict:
         from hf_kd.data import load_stdlib_docstrings
 
         return load_stdlib_docstrings(task="summarize" if task == "seq2seq" else "lm", cache_dir=data_args.cache_dir)
+    if data_args.dataset_name is not None and is_saved_dataset(data_args.dataset_name):
+        return _load_saved({data_args.train_split: data_args.dataset_name})
     if data_args.data_files is not None:
         files = data_args.data_files
         files = {data_args.train_split: files} if isinstance(files, str) else dict(files)
+        saved = {split: path for split, path in files.items() if is_saved_dataset(path)}
+        if saved and len(saved) == len(files):
+            return _load_saved(files)
         for split, path in files.items():
             if not Path(path).is_file():
-                raise ConfigError(f"data_files: the {split!r} file {str(path)!r} does not exist.")
+                what = "is a folder but not one saved with save_to_disk" if Path(path).is_dir() else "does not exist"
+                raise ConfigError(f"data_files: the {split!r} file {str(path)!r} {what}.")
         suffixes = {Path(p).suffix.lower() for p in files.values()}
         builders = {_BUILDERS.get(s) for s in suffixes}
         if len(builders) != 1 or None in builders:
@@ -43,6 +112,9 @@ def load_raw_datasets(data_args: DataArguments, task: str) -> DatasetDict:
         try:
             return load_dataset(builders.pop(), data_files=files, cache_dir=data_args.cache_dir)
         except Exception as err:  # noqa: BLE001 - a malformed file: say which, in one line
+            cause = _unicode_error(err)
+            if cause is not None:
+                raise ConfigError(_not_utf8_message(data_args, cause)) from None
             raise ConfigError(f"data_files {files}: cannot be read ({_one_line(err)}).") from None
     try:
         raw = load_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir=data_args.cache_dir)
@@ -57,13 +129,28 @@ def load_raw_datasets(data_args: DataArguments, task: str) -> DatasetDict:
 
 
 def select_splits(raw: DatasetDict, data_args: DataArguments) -> tuple[Dataset, Dataset | None]:
-    """The train split and the eval split (None when not configured or absent), cut to the sample limits."""
+    """The train split and the eval split, cut to the sample limits.
+
+    Without an eval split in the data, ``validation_split_percentage`` of the train split's first rows are held
+    out to evaluate on (as transformers' run_clm.py does); the eval split is None when ``eval_split`` is null or
+    that percentage is 0.
+    """
     if data_args.train_split not in raw:
         raise ConfigError(f"train_split={data_args.train_split!r} is not a split of the data: {sorted(raw)}.")
     train = raw[data_args.train_split]
+    evaluation = raw[data_args.eval_split] if data_args.eval_split in raw else None
+    if evaluation is None and data_args.eval_split is not None:
+        held_out = len(train) * data_args.validation_split_percentage // 100
+        if held_out > 0:
+            logger.info(
+                "The data has no %r split: evaluating on the first %d rows (validation_split_percentage=%d) of "
+                "the %r split and training on the other %d.",
+                data_args.eval_split, held_out, data_args.validation_split_percentage, data_args.train_split,
+                len(train) - held_out,
+            )  # fmt: skip
+            evaluation, train = train.select(range(held_out)), train.select(range(held_out, len(train)))
     if data_args.max_train_samples is not None:
         train = train.select(range(min(data_args.max_train_samples, len(train))))
-    evaluation = raw[data_args.eval_split] if data_args.eval_split in raw else None
     if evaluation is not None and data_args.max_eval_samples is not None:
         evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
     return train, evaluation
@@ -74,6 +161,18 @@ def check_columns(dataset: Dataset, names: dict[str, str]) -> None:
     for key, column in names.items():
         if column not in dataset.column_names:
             raise ConfigError(f"{key}={column!r} is not a column of the data: {dataset.column_names}.")
+
+
+def _check_not_all_empty(dataset: Dataset, key: str, column: str) -> None:
+    """Refuse a split whose every ``column`` text is empty: not one target token to learn from or score."""
+    texts = dataset.with_format("arrow")[column]
+    if len(dataset) and pc.max(pc.utf8_length(pc.utf8_trim_whitespace(pc.fill_null(texts, "")))).as_py():
+        return
+    split = f"the {dataset.split} split" if dataset.split else "this split"
+    raise ConfigError(
+        f"{key}={column!r}: every text of {split} ({len(dataset)} rows) is empty, so there is nothing to learn "
+        "from; name the column that holds the texts, or fill it (e.g. with hf-kd pseudo-label)."
+    )
 
 
 def tokenize_seq2seq(dataset: Dataset, tokenizer: Any, data_args: DataArguments) -> Dataset:
@@ -88,13 +187,27 @@ def tokenize_seq2seq(dataset: Dataset, tokenizer: Any, data_args: DataArguments)
         inputs["labels"] = labels["input_ids"]
         return inputs
 
-    return dataset.map(
-        encode,
-        batched=True,
-        remove_columns=dataset.column_names,
-        num_proc=data_args.preprocessing_num_workers,
-        desc="Tokenising",
-    )
+    with utf8_errors_named(data_args):
+        tokenised = dataset.map(
+            encode,
+            batched=True,
+            remove_columns=dataset.column_names,
+            num_proc=data_args.preprocessing_num_workers,
+            desc="Tokenising",
+        )
+    _check_not_all_empty(dataset, "target_column", data_args.target_column)
+    return _drop_rows_without_labels(tokenised)
+
+
+def _drop_rows_without_labels(dataset: Dataset) -> Dataset:
+    """Rows whose target has no token add nothing to the loss, and a batch of only such rows has no label
+    positions at all (the collator then fails), so they are left out, with a log line."""
+    lengths = pc.list_value_length(dataset.with_format("arrow")["labels"])
+    empty = len(dataset) - (pc.sum(pc.greater(lengths, 0)).as_py() or 0)
+    if not empty:
+        return dataset
+    logger.warning("Leaving out %d of %d rows whose target has no token.", empty, len(dataset))
+    return dataset.filter(lambda b: [len(labels) > 0 for labels in b["labels"]], batched=True, desc="Dropping empty")
 
 
 def tokenize_causal(dataset: Dataset, tokenizer: Any, data_args: DataArguments, max_positions: int | None) -> Dataset:
@@ -105,7 +218,12 @@ def tokenize_causal(dataset: Dataset, tokenizer: Any, data_args: DataArguments, 
     check_columns(dataset, {"text_column": data_args.text_column})
     block_size = min(data_args.block_size, max_positions or data_args.block_size)
     column = data_args.text_column
-    dataset = dataset.filter(lambda b: [bool(t and t.strip()) for t in b[column]], batched=True, desc="Dropping empty")
+    with utf8_errors_named(data_args):
+        dataset = dataset.filter(
+            lambda b: [bool(t and t.strip()) for t in b[column]], batched=True, desc="Dropping empty"
+        )
+    if len(dataset) == 0:
+        _check_not_all_empty(dataset, "text_column", column)
 
     if not data_args.group_texts:
 

@@ -11,8 +11,8 @@ tail (``tail_treatment``):
 
       KL_k(p || q) = sum_{i <= k} p_i log(p_i / q_i) + p_tail log(p_tail / q_tail)
 
-  With ``k`` = the vocabulary size the tail is empty and this is the dense forward KL exactly. With smaller
-  ``k`` it is a lower bound of the dense KL (merging events never increases a divergence) that pulls the
+  With ``k`` = the vocabulary size the tail is empty and left out: every divergence is the dense one. With
+  smaller ``k`` it is a lower bound of the dense KL (merging events never increases a divergence) that pulls the
   student's tail mass towards the teacher's but leaves its shape free. Every divergence of :mod:`hf_kd.losses`
   is applied to the same bucket distributions.
 * ``"uniform"`` (forward KL): the tail mass is spread evenly over the ``V - k`` other tokens.
@@ -40,7 +40,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from hf_kd.losses import IGNORE_INDEX, MIN_LOG_PROB, DistillationLossOutput, get_divergence
+from hf_kd.losses import IGNORE_INDEX, MIN_LOG_PROB, DistillationLossOutput, get_divergence, mix_terms
 
 TAIL_TREATMENTS = ("bucket", "uniform", "sampled")
 # Smallest student tail mass the bucket divergence distinguishes (see bucket_log_probs).
@@ -148,7 +148,8 @@ def bucket_log_probs(
     difference is only accurate to ~1e-6, so it is floored at :data:`STUDENT_TAIL_FLOOR` (1e-5): below it
     rounding error would be divided by a rounding-sized number and give huge gradients. A tail below 1e-5 counts
     as 1e-5 and gets no gradient from this term (the top-k terms still push mass back when the teacher's tail
-    is larger); the term's weight is the teacher's tail, so with k = vocabulary the loss is still exactly dense.
+    is larger). With k = vocabulary there is no tail: :func:`topk_divergence` then leaves the bucket out, since
+    a floored student tail would add ``1e-5 * (log 1e-5 + 1e4)``, about 0.1, to a reverse KL.
     """
     student_top = student_top.clamp_min(MIN_LOG_PROB)
     top_mass = student_top.logsumexp(-1)
@@ -175,6 +176,8 @@ def topk_divergence(
     k = rows.ids.shape[-1]
     student_top = student_cols[:, :k].clamp_min(MIN_LOG_PROB)
     if rows.tail_treatment == "bucket":
+        if k >= vocab:  # no tail, and a floored student tail bucket would not be empty (see bucket_log_probs)
+            return divergence(student_top, rows.logprobs.float().clamp_min(MIN_LOG_PROB))
         return divergence(*bucket_log_probs(student_top, rows.logprobs, rows.tail_logmass))
     teacher_top = rows.logprobs.float().clamp_min(MIN_LOG_PROB)
     head = (teacher_top.exp() * (teacher_top - student_top)).sum(-1)
@@ -182,7 +185,7 @@ def topk_divergence(
     if rows.tail_treatment == "sampled":
         samples = student_cols[:, k:].clamp_min(MIN_LOG_PROB)
         return head + rows.tail_plogp.float() - tail_log.exp() * samples.mean(-1)
-    if vocab == k:  # uniform, nothing left to spread
+    if k >= vocab:  # uniform, nothing left to spread
         return head
     log_u = tail_log - math.log(vocab - k)  # each tail token's share
     tail_log_q = log_q_sum - student_cols[:, :k].sum(-1)  # unclamped: the exact sum over the tail
@@ -251,9 +254,7 @@ def sparse_distillation_loss(
     normalizer = num_items_in_batch if num_items_in_batch is not None else max(num_tokens, 1)
     if torch.is_tensor(normalizer):
         normalizer = normalizer.to(kd_sum.device)
-    ce_term = alpha * ce_sum if alpha > 0.0 else 0.0
-    kd_term = (1.0 - alpha) * temperature**2 * kd_sum if alpha < 1.0 else 0.0
-    total = (ce_term + kd_term) / normalizer
+    total = mix_terms(ce_sum, kd_sum, alpha, temperature) / normalizer
     if num_tokens == 0:
         total = logits.flatten()[:0].sum()  # a zero tied to the graph, even with -inf logits
     return DistillationLossOutput(
@@ -287,7 +288,9 @@ def topk_chunk_loss(
     kd_live = need_grad and alpha < 1.0
     columns = rows.columns()
     cols = log_q.gather(1, columns).detach()
-    log_q_sum = log_q.sum(-1).detach() if rows.tail_treatment == "uniform" else None
+    # With k = V the uniform tail is empty and reads no sum: a leaf outside the graph would fail autograd.grad.
+    uniform_tail = rows.tail_treatment == "uniform" and columns.shape[-1] < z.shape[-1]
+    log_q_sum = log_q.sum(-1).detach() if uniform_tail else None
     with torch.enable_grad() if kd_live else nullcontext():
         leaves = [cols.requires_grad_(kd_live)]
         if log_q_sum is not None:
@@ -297,7 +300,7 @@ def topk_chunk_loss(
     kd = kd.detach()
     log_q1 = log_q if t == 1.0 else F.log_softmax(z, dim=-1)
     ce = -log_q1.gather(1, target_ids[:, None]).sum()
-    total = (alpha * ce + (1.0 - alpha) * t**2 * kd) / n
+    total = mix_terms(ce, kd, alpha, t) / n
     if not need_grad:
         return total, kd, ce, None
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
+from hf_kd.recipe_args import ConfigError, check_model_folder, check_source_path, holds_model
 from hf_kd.student import make_student
 
 
@@ -64,8 +66,30 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="PATH",
         help="Tokenizer to save with the student (default: the teacher's, if it has one).",
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace the model output_dir already holds (never allowed for the teacher's or tokenizer's folder).",
+    )
     parser.set_defaults(run=run)
     return parser
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """The teacher and tokenizer can be loaded, and output_dir is not their folder nor (unless --overwrite) a
+    folder that already holds a model."""
+    check_source_path("teacher", args.teacher)
+    check_source_path("--tokenizer", args.tokenizer)
+    check_model_folder("teacher", args.teacher, safetensors_only=True)  # hf_kd.teacher.load_teacher's rule
+    out = Path(args.output_dir).resolve()
+    for key, source in (("the teacher", args.teacher), ("--tokenizer", args.tokenizer)):
+        if source and Path(source).is_dir() and Path(source).resolve() == out:
+            raise ConfigError(f"output_dir {args.output_dir!r} is {key}'s folder; save the student elsewhere.")
+    if out.is_dir() and holds_model(out) and not args.overwrite:
+        raise ConfigError(
+            f"output_dir {args.output_dir!r} already holds a model; pass --overwrite to replace it, or choose "
+            "another output_dir."
+        )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,11 +100,12 @@ def run(args: argparse.Namespace) -> int:
     if args.decoder_map is not None:
         layer_map["decoder"] = args.decoder_map
     tokenizer = None
-    if args.tokenizer is not None:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     try:
+        check_paths(args)
+        if args.tokenizer is not None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
         student = make_student(
             args.teacher,
             encoder_layers=args.encoder_layers,
@@ -90,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
             tokenizer=tokenizer,
         )
     except (OSError, ValueError) as error:  # a bad map, an unsupported model, a teacher that cannot be loaded
-        print(f"hf-kd make-student: error: {error}", file=sys.stderr)
+        print(f"hf-kd make-student: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     layers = ", ".join(f"{name} {layers}" for name, layers in student.config.hf_kd_layer_map.items())
     print(f"Saved a {student.num_parameters():,}-parameter student to {args.output_dir} (teacher layers: {layers}).")

@@ -30,11 +30,38 @@ def load_teacher(name_or_path: str, args: Any) -> tuple[nn.Module, Any]:
     kwargs = dict(getattr(args, "teacher_model_init_kwargs", None) or {})
     kwargs.setdefault("use_safetensors", True)
     teacher = auto_class.from_pretrained(name_or_path, trust_remote_code=trust, **kwargs)
+    return teacher, load_saved_tokenizer(name_or_path, trust_remote_code=trust)
+
+
+def load_saved_tokenizer(name_or_path: str, **kwargs: Any) -> Any | None:
+    """The tokenizer saved with a model, or None when the folder (or repository) has none.
+
+    transformers 5 does not raise for a folder without tokenizer files: it builds the model type's tokenizer
+    with an empty vocabulary (GPT-2: 1 token; T5: its 100 sentinels and 3 specials). Compared with the student's,
+    it would refuse a teacher that simply has no tokenizer of its own, so it counts as none. ``kwargs`` go to
+    ``AutoTokenizer.from_pretrained``.
+    """
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust)
-    except (OSError, ValueError):  # a model folder without tokenizer files: nothing to compare against
-        tokenizer = None
-    return teacher, tokenizer
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError):  # e.g. a Llama folder without tokenizer files: nothing to build from
+        return None
+    if has_vocabulary(tokenizer):
+        return tokenizer
+    logger.info("%s has no tokenizer files: the tokenizer of the model it is paired with is used for it.", name_or_path)
+    return None
+
+
+def has_vocabulary(tokenizer: Any) -> bool:
+    """False for a tokenizer with nothing but special tokens: what transformers 5 builds from no files.
+
+    Its size is no guide: a real tokenizer may be far smaller than the output layer (padded to a multiple of
+    64 or 128, or by thousands of rows), and must still be compared with the student's.
+    """
+    if not hasattr(tokenizer, "get_vocab"):
+        return True  # not a text tokenizer (a processor): nothing to judge it by
+    special = set(tokenizer.get_added_vocab()) | set(getattr(tokenizer, "all_special_tokens", ()))
+    # An empty SentencePiece model still holds its word-boundary piece, hence more than 1 and not 0.
+    return len(set(tokenizer.get_vocab()) - special) > 1
 
 
 def check_compatible(student: nn.Module, teacher: nn.Module) -> None:
@@ -61,6 +88,22 @@ def _tokenizer_name(tokenizer: Any) -> str:
     return f"{type(tokenizer).__name__}({getattr(tokenizer, 'name_or_path', '') or '<unnamed>'!r})"
 
 
+CROSS_TOKENIZER_FIX = (
+    "Set cross_tokenizer=True in the DistillationConfig (with cross_tokenizer_text_column / "
+    "cross_tokenizer_prompt_column) to align them by text, or use a student that shares the teacher's tokenizer."
+)
+
+
+def check_same_tokenizer(student_tokenizer: Any, teacher_tokenizer: Any, fix: str = CROSS_TOKENIZER_FIX) -> None:
+    """Raise :class:`TokenizerMismatchError` (ending with ``fix``) unless both map the same tokens to the same ids."""
+    if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
+        raise TokenizerMismatchError(
+            f"The student's tokenizer {_tokenizer_name(student_tokenizer)} ({len(student_tokenizer)} tokens) and "
+            f"the teacher's {_tokenizer_name(teacher_tokenizer)} ({len(teacher_tokenizer)} tokens) map tokens to "
+            f"different ids, so their token distributions cannot be compared id by id. {fix}"
+        )
+
+
 def shared_vocab_size(
     student: nn.Module, teacher: nn.Module, student_tokenizer: Any = None, teacher_tokenizer: Any = None
 ) -> int:
@@ -74,15 +117,8 @@ def shared_vocab_size(
     widths = (_output_width(student), _output_width(teacher))
     tokenizer = student_tokenizer if hasattr(student_tokenizer, "get_vocab") else None
     teacher_tok = teacher_tokenizer if hasattr(teacher_tokenizer, "get_vocab") else None
-    if tokenizer is not None and teacher_tok is not None and tokenizer.get_vocab() != teacher_tok.get_vocab():
-        raise TokenizerMismatchError(
-            f"The student's tokenizer {_tokenizer_name(tokenizer)} ({len(tokenizer)} tokens) and the teacher's "
-            f"{_tokenizer_name(teacher_tok)} ({len(teacher_tok)} tokens) map tokens to different ids, so their "
-            "token distributions cannot be compared id by id. Set cross_tokenizer=True in the "
-            "DistillationConfig (with cross_tokenizer_text_column / cross_tokenizer_prompt_column) to align them by "
-            "text, or use a student "
-            "that shares the teacher's tokenizer."
-        )
+    if tokenizer is not None and teacher_tok is not None:
+        check_same_tokenizer(tokenizer, teacher_tok)
     if tokenizer is None:
         tokenizer = teacher_tok
     if tokenizer is None:

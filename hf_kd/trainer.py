@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType, parse_flag_from_env
 from safetensors.torch import load_file
 from torch import nn
 from transformers import DataCollatorForSeq2Seq, PreTrainedModel, Seq2SeqTrainer
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from hf_kd.cached_teacher import BATCH_KEY, CACHE_COLUMNS, CachedTeacher
-from hf_kd.card import distillation_section, insert_section
+from hf_kd.card import (
+    card_metrics,
+    distillation_section,
+    hub_id,
+    insert_section,
+    is_local_path,
+    markdown_name,
+    public_name,
+)
 from hf_kd.chunked import chunked_distillation_loss, fused_distillation_loss
 from hf_kd.config import DistillationConfig
 from hf_kd.cross_tokenizer import VocabularyMap
@@ -30,6 +40,8 @@ from hf_kd.teacher_forward import check_shared_encoder, rows_at_targets, target_
 # tokens, the target tokens, the hidden-state loss over the batches that had one, and the target tokens that had
 # a teacher (all of them, but for a cache-trained student's evaluation rows without a cache).
 _SUMS = ("kd", "ce", "tokens", "agreement", "hidden", "hidden_batches", "teacher_tokens")
+
+logger = logging.getLogger(__name__)
 
 
 class DistillationTrainer(Seq2SeqTrainer):
@@ -88,6 +100,7 @@ class DistillationTrainer(Seq2SeqTrainer):
             )
 
         super().__init__(model=model, args=args, processing_class=processing_class, **kwargs)
+        self._warn_engine_fallback()
         self.is_encoder_decoder = is_encoder_decoder
         # Have the Trainer count target tokens over accumulated micro-batches and pass num_items_in_batch.
         self.model_accepts_loss_kwargs = True
@@ -184,6 +197,46 @@ class DistillationTrainer(Seq2SeqTrainer):
         return cache
 
     # ---- construction checks --------------------------------------------------------------------------
+
+    def _warn_engine_fallback(self) -> None:
+        """Say what runs when it is less than the launch asked for: Accelerate falls back without a word.
+
+        Before the teacher is prepared, so that the warning comes before anything DeepSpeed raises about it.
+        """
+        if not self.is_local_process_zero():  # once per machine; processes that run alone are each their own zero
+            return
+        running = self.accelerator.num_processes
+        engine = f"{self.accelerator.distributed_type.value} with {running} process{'es' if running > 1 else ''}"
+        self._warn_processes_not_joined(engine)
+        self._warn_fsdp_off(engine)
+
+    def _warn_processes_not_joined(self, engine: str) -> None:
+        """WORLD_SIZE processes launched, fewer in Accelerate's process group (on CPUs without use_cpu: none)."""
+        launched, running = int(os.environ.get("WORLD_SIZE") or 1), self.accelerator.num_processes
+        if launched <= running:
+            return
+        alone = "each process trains alone, on all the data, and writes to the same output_dir"
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:  # DeepSpeed joins them all regardless
+            alone = f"DeepSpeed still counts {launched} and refuses the batch size computed for {running}"
+        why = ""
+        if self.args.device.type == "cpu" and not self.args.use_cpu:
+            why = " On a machine without GPUs, Accelerate forms a process group (gloo) only with use_cpu=True."
+        message = "%d processes were launched (WORLD_SIZE=%d), but Accelerate runs %s: %s.%s"
+        logger.warning(message, launched, launched, engine, alone, why)
+
+    def _warn_fsdp_off(self, engine: str) -> None:
+        """FSDP asked for (args or the launcher's environment) but not what Accelerate set up."""
+        asked = [f"fsdp={self.args.fsdp!r}"] if self.args.fsdp else []
+        asked += ["ACCELERATE_USE_FSDP=true"] if parse_flag_from_env("ACCELERATE_USE_FSDP") else []
+        if not asked or self.accelerator.distributed_type == DistributedType.FSDP:
+            return
+        several = self.accelerator.num_processes > 1
+        copies = "every process holds all of it, as in DDP" if several else "it is held whole"
+        logger.warning(
+            "FSDP was asked for (%s), but Accelerate runs %s: the student is not sharded, %s. Accelerate turns FSDP on "
+            "only for GPUs (and other accelerators), not for a CPU process group (use_cpu=True), whose processes run "
+            "plain DDP over gloo.", ", ".join(asked), engine, copies,
+        )  # fmt: skip
 
     def _check_labels_present(self) -> None:
         """With alpha > 0 the batches need labels; find out now from one collated row, not after an hour."""
@@ -469,9 +522,13 @@ class DistillationTrainer(Seq2SeqTrainer):
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         passed_in = self.optimizer is not None
         optimizer = super().create_optimizer() if model is None else super().create_optimizer(model)
-        params = list(self.hidden_distiller.parameters()) if self.hidden_distiller is not None else []
+        if self.hidden_distiller is None:
+            # Nothing to add. Under DeepSpeed with an `optimizer` block this is Accelerate's DummyOptim, which has
+            # no param_groups (DeepSpeed builds the real one); a projection is refused there in __init__.
+            return optimizer
+        params = list(self.hidden_distiller.parameters())
         known = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        if params and not all(id(p) in known for p in params):
+        if not all(id(p) in known for p in params):
             if passed_in:
                 raise ValueError(
                     "hidden_state_loss_weight > 0 learns a projection, but the optimizer passed in optimizers= does "
@@ -592,18 +649,28 @@ class DistillationTrainer(Seq2SeqTrainer):
         dataset_tags: str | list[str] | None = None,
         dataset: str | list[str] | None = None,
         dataset_args: str | list[str] | None = None,
+        metrics: dict[str, float] | None = None,
     ) -> None:
         """The Trainer's model card (called by ``push_to_hub`` too), plus how the student was distilled.
 
         ``base_model`` is the Hub checkpoint the student started from, or else the teacher when it is on the Hub;
-        a local teacher folder is named in the card's text only.
+        a local teacher folder is named in the card's text only, by its folder name: no card holds a local path.
+        The card lists the last ``eval_*`` and ``test_*`` metrics logged, and ``metrics`` (e.g. test metrics
+        measured outside the Trainer).
         """
         if not self.is_world_process_zero():
             return
         tags = [tags] if isinstance(tags, str) else list(tags or [])
         tags = ["hf-kd", "distillation"] + [t for t in tags if t not in ("hf-kd", "distillation")]
-        if finetuned_from is None:
-            finetuned_from = next((n for n in (_model_name(self.model), self.teacher_name) if _is_hub_id(n)), None)
+        student = str(getattr(getattr(self.model, "config", None), "_name_or_path", "") or "")
+        if finetuned_from is None:  # a Hub id, else the student's name as the Trainer takes it (e.g. "gpt2")
+            finetuned_from = next(filter(None, map(hub_id, (student, self.teacher_name))), None) or student
+        # "" rather than None, or the Trainer falls back to the student's _name_or_path, which may be a path.
+        finetuned_from = "" if is_local_path(finetuned_from) else finetuned_from
+        datasets = [dataset] if isinstance(dataset, str) else list(dataset or [])
+        tag_list = [dataset_tags] if isinstance(dataset_tags, str) else list(dataset_tags or [])
+        if any(is_local_path(t) for t in tag_list):  # the front matter links tags to Hub data sets
+            dataset_tags = dataset_args = None
         super().create_model_card(
             language=language,
             license=license,
@@ -612,32 +679,26 @@ class DistillationTrainer(Seq2SeqTrainer):
             finetuned_from=finetuned_from,
             tasks=tasks,
             dataset_tags=dataset_tags,
-            dataset=dataset,
+            dataset=[public_name(d) for d in datasets] or None,
             dataset_args=dataset_args,
         )
         path = os.path.join(self.args.output_dir, "README.md")
         with open(path, encoding="utf-8") as f:
             card = f.read()
-        evals = [log for log in self.state.log_history if any(k.startswith("eval_") for k in log)]
-        metrics = {k: v for k, v in evals[-1].items() if k.startswith("eval_") and "runtime" not in k} if evals else {}
-        metrics = {k: v for k, v in metrics.items() if not k.endswith("_per_second")}
-        data_name = dataset if isinstance(dataset, str) else ", ".join(dataset) if dataset else None
-        section = distillation_section(teacher=self.teacher_name, args=self.args, dataset=data_name, metrics=metrics)
-        if finetuned_from is not None and finetuned_from == self.teacher_name:
+        metrics = card_metrics(self.state.log_history, metrics)
+        section = distillation_section(teacher=self.teacher_name, args=self.args, dataset=datasets, metrics=metrics)
+        if finetuned_from and finetuned_from == public_name(self.teacher_name):
             card = card.replace("is a fine-tuned version of", "was distilled from")
         # The Trainer links an empty name when the student has no Hub origin; say what happened instead.
-        card = card.replace("is a fine-tuned version of [](https://huggingface.co/)", "was trained from scratch")
+        origin = f"was initialised from {markdown_name(student)} and trained" if is_local_path(student) else None
+        no_origin = "is a fine-tuned version of [](https://huggingface.co/)"
+        card = card.replace(no_origin, origin or "was trained from scratch")
         with open(path, "w", encoding="utf-8") as f:
             f.write(insert_section(card, section))
 
 
 def _model_name(model: nn.Module) -> str:
     return str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
-
-
-def _is_hub_id(name: str) -> bool:
-    """A name that points at a Hub repository rather than a local folder or a class name."""
-    return "/" in name and not os.path.isdir(name) and not name.startswith((".", "/"))
 
 
 def _missing_labels_message(alpha: float) -> str:
