@@ -42,7 +42,7 @@ from hf_kd.recipe_args import (
     recipe_parser,
 )
 from hf_kd.recipe_data import check_columns, load_raw_datasets, select_splits, tokenize_causal, tokenize_seq2seq
-from hf_kd.teacher import TokenizerMismatchError, has_vocabulary
+from hf_kd.teacher import has_vocabulary
 from hf_kd.trainer import DistillationTrainer
 
 logger = logging.getLogger(__name__)
@@ -306,7 +306,7 @@ def run_recipe(
     use_cache = getattr(parts["model"].config, "use_cache", None)
     try:
         trainer = DistillationTrainer(args=args, **parts)
-    except TokenizerMismatchError as err:  # the config pairs models that cannot be compared token by token
+    except ValueError as err:  # the trainer's refusals (TokenizerMismatchError too) name the setting and the fix
         raise ConfigError(" ".join(str(err).split())) from None
     if model_args.overwrite_output_dir and checkpoint is None and trainer.is_world_process_zero():
         _remove_old_checkpoints(args.output_dir)

@@ -329,3 +329,15 @@ def test_a_pseudo_labelled_data_set_trains_as_documented(models, tmp_path, capsy
     again = [*alone_argv, *shlex.split(with_validation[1]), *_tokens(tiny), "--overwrite_output_dir", "true"]
     assert main(again) == 0
     assert json.loads((tmp_path / "out" / "all_results.json").read_text())["eval_samples"] == 3
+
+
+# ---- refusals made by DistillationTrainer itself --------------------------------------------------------------
+
+
+def test_a_setting_the_trainer_refuses_is_a_one_line_error(models, tmp_path, capsys):
+    """The trainer's own refusals (here: a teacher and a teacher cache at once) reach the user as one line too."""
+    config, output_dir = _t5_config(models, tmp_path, teacher_cache=str(tmp_path / "some-cache"))
+    (tmp_path / "some-cache").mkdir()
+    code, out, err = _distill(capsys, config)
+    _assert_one_line_error(code, out, err, "distill", "teacher", "teacher_cache", "not both")
+    assert not (output_dir / "model.safetensors").exists()
