@@ -7,6 +7,9 @@ give two tasks of human-written English:
   of CodeXGLUE code-to-text). Columns ``code``, ``summary``, ``module``, ``name``.
 * ``"lm"``: language modelling on the docstrings of modules, classes and functions. Columns ``text``,
   ``module``, ``name``.
+* ``"denoise"``: BART-style text infilling of the ``lm`` docstrings (:func:`text_infilling`): a docstring's
+  first words with spans replaced by one ``<mask>`` each -> those words restored. Columns ``source``, ``target``,
+  ``module``, ``name``. Made from the cached ``lm`` rows on every call (fast, deterministic).
 
 Splits are made by module file (a hash of the module name), so no file contributes to two splits, and are
 cached on disk per Python version and extraction version.
@@ -16,7 +19,9 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import math
 import os
+import random
 import re
 import shutil
 import sys
@@ -30,7 +35,8 @@ from datasets import Dataset, DatasetDict, load_from_disk
 
 # Bump when the extraction below changes what it produces, so stale caches are not reused.
 EXTRACTION_VERSION = 1
-TASKS = ("summarize", "lm")
+TASKS = ("summarize", "lm", "denoise")
+MASK_TOKEN = "<mask>"
 # Percent of modules per split, by hash bucket.
 SPLIT_PERCENTS = {"train": 80, "validation": 10, "test": 10}
 # Test suites are mostly terse or absent docstrings about test internals, not documentation.
@@ -143,13 +149,15 @@ def cache_path(task: str, cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def load_stdlib_docstrings(task: str = "summarize", cache_dir: str | os.PathLike | None = None) -> DatasetDict:
-    """The standard-library docstring data set for ``task`` ("summarize" or "lm"), splits train/validation/test.
+    """The standard-library docstring data set for ``task`` (:data:`TASKS`), splits train/validation/test.
 
     The first call parses the standard library (some seconds) and saves both tasks under ``cache_dir``
     (default :func:`default_cache_dir`); later calls load them from there.
     """
     if task not in TASKS:
         raise ValueError(f"task={task!r}: use one of {TASKS}.")
+    if task == "denoise":
+        return infilling_dataset(load_stdlib_docstrings("lm", cache_dir))
     path = cache_path(task, cache_dir)
     if not path.exists():
         for name, rows in extract().items():
@@ -164,3 +172,60 @@ def load_stdlib_docstrings(task: str = "summarize", cache_dir: str | os.PathLike
                 pass
             shutil.rmtree(tmp, ignore_errors=True)
     return load_from_disk(str(path))
+
+
+# ---- text infilling (the "denoise" task) -----------------------------------------------------------------
+
+
+def _poisson(rng: random.Random, mean: float) -> int:
+    """A Poisson draw by inversion (Knuth): enough for the small means of span lengths."""
+    limit, k, product = math.exp(-mean), 0, rng.random()
+    while product > limit:
+        k += 1
+        product *= rng.random()
+    return k
+
+
+def text_infilling(
+    text: str, mask_fraction: float = 0.3, mean_span: float = 3.0, max_words: int = 48, seed: str = ""
+) -> tuple[str, str]:
+    """BART's text-infilling noise on words: ``(source, target)``.
+
+    The target is the first ``max_words`` words of ``text`` on one line. Spans of Poisson(``mean_span``) words
+    (at least one), separated by at least one kept word, are replaced by one :data:`MASK_TOKEN` each until
+    ``mask_fraction`` of the words are masked (rounded, at least one). The random draws are seeded by ``seed``
+    and the text, so a row is corrupted the same way in every run and Python version.
+    """
+    words = text.split()[:max_words]
+    rng = random.Random(hashlib.sha1(f"{seed}\0{text}".encode()).digest())
+    goal = max(1, round(mask_fraction * len(words)))
+    masked = [False] * len(words)
+    covered = 0
+    for _ in range(100):  # a few retries when a span lands next to another
+        if covered >= goal:
+            break
+        length = min(max(1, _poisson(rng, mean_span)), goal - covered)
+        start = rng.randrange(max(1, len(words) - length + 1))
+        if any(masked[max(0, start - 1) : start + length + 1]):
+            continue
+        masked[start : start + length] = [True] * length
+        covered += length
+    # A span's first word becomes the mask token, its other words go.
+    source = [MASK_TOKEN if masked[i] else w for i, w in enumerate(words) if not (masked[i] and i and masked[i - 1])]
+    return " ".join(source), " ".join(words)
+
+
+def infilling_dataset(
+    lm: DatasetDict, mask_fraction: float = 0.3, mean_span: float = 3.0, max_words: int = 48, min_words: int = 4
+) -> DatasetDict:
+    """The ``denoise`` task from the ``lm`` rows: ``source`` (corrupted by :func:`text_infilling`), ``target``.
+
+    Docstrings of fewer than ``min_words`` words are dropped: there is too little left to infer a span from.
+    """
+
+    def corrupt(row: dict[str, str]) -> dict[str, str]:
+        source, target = text_infilling(row["text"], mask_fraction, mean_span, max_words, seed=row["module"])
+        return {"source": source, "target": target}
+
+    kept = lm.filter(lambda row: len(row["text"].split()) >= min_words, keep_in_memory=True)
+    return kept.map(corrupt, remove_columns=["text"], keep_in_memory=True)

@@ -1,11 +1,14 @@
 """`hf-kd quickstart`: distillation end to end on a laptop CPU, offline, in a few minutes.
 
-On the built-in standard-library docstring data (:mod:`hf_kd.data`) it trains a small GPT-2 teacher from
-scratch (cached), then, with the same step budget, data order and initialisation, one student on the labels
-alone and one by distillation from the teacher (:class:`hf_kd.DistillationTrainer`). It evaluates the three
-on the test split and writes a DistilBART-style table (``report.md``, ``report.json``), a plot of the
-students' evaluation loss, the distilled student with its model card, and the teacher (``teacher/``, the
-teacher of ``recipes/configs/quickstart_lm.yaml``).
+On the built-in standard-library docstring data (:mod:`hf_kd.data`) it trains a small teacher from scratch
+(cached), then, with the same step budget, data order and initialisation, one student on the labels alone and
+one by distillation from the teacher (:class:`hf_kd.DistillationTrainer`). It evaluates the three on the test
+split and writes a DistilBART-style table (``report.md``, ``report.json``), a plot of the students' evaluation
+loss, the distilled student with its model card, and the teacher (``teacher/``).
+
+Tasks: ``denoise`` (the default) and ``summarize`` are encoder-decoder tasks, a BART teacher and T5-architecture
+and BART students (``--student-archs t5,bart``) sharing one tokenizer; ``lm`` is language modelling with GPT-2
+teacher and students (its teacher is the one ``recipes/configs/quickstart_lm.yaml`` distills from).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,24 +33,37 @@ from transformers import TrainerCallback
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # Bump when anything that shapes the cached tokenizer/teacher changes.
-TEACHER_CACHE_VERSION = 1
+TEACHER_CACHE_VERSION = 3
+
+SEQ2SEQ_TASKS = ("denoise", "summarize")
+TASKS = ("denoise", "summarize", "lm")
+DEFAULT_TASK = "denoise"
+# (source column, target column) of the encoder-decoder tasks' rows in hf_kd.data.
+COLUMNS = {"denoise": ("source", "target"), "summarize": ("code", "summary")}
 
 
 @dataclass
 class Settings:
-    """Everything that shapes a quickstart run. The defaults are the measured full-size design."""
+    """Everything that shapes a quickstart run.
+
+    The field defaults are the ``lm`` design; :meth:`for_task` applies a task's measured design
+    (:data:`TASK_DESIGNS`), which is what the command line starts from.
+    """
 
     task: str = "lm"
     seed: int = 0
     vocab_size: int = 2048
     block_size: int = 128  # lm: tokens per training block
-    source_length: int = 96  # summarize: code tokens kept before the separator
-    summary_length: int = 32  # summarize: summary tokens kept (incl. end of sequence)
+    source_length: int = 96  # encoder-decoder tasks: source tokens kept, </s> included
+    target_length: int = 32  # encoder-decoder tasks: target tokens kept, </s> included
+    mask_fraction: float = 0.3  # denoise: share of each docstring's words masked
+    max_words: int = 48  # denoise: words of each docstring kept
     batch_size: int = 16
-    teacher_layers: int = 3
+    teacher_layers: int = 3  # encoder-decoder: layers of the encoder and of the decoder, each
     teacher_width: int = 192
     teacher_steps: int = 500
     teacher_lr: float = 2e-3
+    student_archs: str = "t5"  # encoder-decoder tasks: comma-separated "t5", "bart" (the teacher is BART)
     student_layers: int = 2
     student_width: int = 64
     student_steps: int = 500
@@ -57,15 +74,29 @@ class Settings:
     num_evals: int = 8
     max_train_docs: int | None = None  # subsample the training split (smoke mode)
     max_test_docs: int | None = None
-    rouge_examples: int = 200  # summarize: test examples generated for ROUGE-L
+    rouge_examples: int = 300  # encoder-decoder tasks: test examples generated for ROUGE-L
     speed_prompts: int = 16
     speed_new_tokens: int = 32
+
+    @classmethod
+    def for_task(cls, task: str, **overrides: Any) -> Settings:
+        """The measured design of ``task`` (docs/quickstart.md says why), then ``overrides``."""
+        return cls(**{"task": task, **TASK_DESIGNS[task], **overrides})
+
+    @property
+    def is_seq2seq(self) -> bool:
+        return self.task in SEQ2SEQ_TASKS
+
+    @property
+    def archs(self) -> list[str]:
+        """The students' architectures: a CE and a KD student of each; the first pair is the main one."""
+        return [a.strip() for a in self.student_archs.split(",")] if self.is_seq2seq else ["gpt2"]
 
     def teacher_key(self) -> str:
         """A hash of what determines the tokenizer and teacher, naming their cache folder."""
         fields = (
-            "task seed vocab_size block_size source_length summary_length batch_size teacher_layers "
-            "teacher_width teacher_steps teacher_lr max_train_docs"
+            "task seed vocab_size block_size source_length target_length mask_fraction max_words batch_size "
+            "teacher_layers teacher_width teacher_steps teacher_lr max_train_docs"
         ).split()
         from hf_kd.data import EXTRACTION_VERSION
 
@@ -75,11 +106,48 @@ class Settings:
         return hashlib.sha1(payload.encode()).hexdigest()[:12]
 
 
+# Each task's measured design: what differs from the Settings defaults (the lm design).
+TASK_DESIGNS: dict[str, dict[str, Any]] = {
+    "lm": {},
+    "denoise": {
+        "vocab_size": 512,
+        "source_length": 64,
+        "target_length": 64,
+        "max_words": 32,
+        "batch_size": 32,
+        "teacher_layers": 3,
+        "teacher_width": 192,
+        "teacher_steps": 600,
+        "teacher_lr": 2e-3,
+        "student_archs": "t5,bart",
+        "student_layers": 2,
+        "student_width": 64,
+        "student_steps": 600,
+        "student_lr": 3e-3,
+    },
+    "summarize": {
+        "vocab_size": 1024,
+        "source_length": 96,
+        "target_length": 32,
+        "batch_size": 32,
+        "teacher_layers": 3,
+        "teacher_width": 192,
+        "teacher_steps": 600,
+        "teacher_lr": 2e-3,
+        "student_archs": "t5,bart",
+        "student_layers": 1,
+        "student_width": 64,
+        "student_steps": 600,
+        "student_lr": 3e-3,
+    },
+}
+
 SMOKE = {
     "vocab_size": 300,
     "block_size": 32,
     "source_length": 24,
-    "summary_length": 12,
+    "target_length": 12,
+    "max_words": 12,
     "batch_size": 8,
     "teacher_layers": 1,
     "teacher_width": 32,
@@ -112,16 +180,22 @@ def _head(dataset: Any, n: int | None) -> Any:
 
 
 def load_data(settings: Settings, cache_dir: Path) -> Any:
-    from hf_kd.data import load_stdlib_docstrings
+    from hf_kd.data import infilling_dataset, load_stdlib_docstrings
 
-    data = load_stdlib_docstrings(settings.task, cache_dir=cache_dir)
+    if settings.task == "denoise":
+        data = infilling_dataset(
+            load_stdlib_docstrings("lm", cache_dir), settings.mask_fraction, max_words=settings.max_words
+        )
+    else:
+        data = load_stdlib_docstrings(settings.task, cache_dir=cache_dir)
     data["train"] = _head(data["train"].shuffle(seed=settings.seed), settings.max_train_docs)
     data["test"] = _head(data["test"], settings.max_test_docs)
     return data
 
 
-def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
-    """A byte-level BPE tokenizer trained on ``texts``: <pad>=0, </s>=1 (end of sequence), <sep>=2."""
+def train_tokenizer(texts: list[str], vocab_size: int, extra_special: tuple[str, ...] = ()) -> Any:
+    """A byte-level BPE tokenizer trained on ``texts``: <pad>=0, </s>=1 (end of sequence), <sep>=2, then
+    ``extra_special`` (the denoise task's <mask>)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -130,27 +204,33 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=["<pad>", "</s>", "<sep>"],
+        special_tokens=["<pad>", "</s>", "<sep>", *extra_special],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     backend.train_from_iterator(texts, trainer=trainer)
+    special = {"mask_token": extra_special[0]} if extra_special else {}
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", bos_token="</s>", sep_token="<sep>"
+        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", bos_token="</s>", sep_token="<sep>", **special
     )
 
 
 def tokenizer_texts(task: str, train: Any) -> list[str]:
-    return list(train["text"]) if task == "lm" else [t for row in train for t in (row["code"], row["summary"])]
+    if task == "lm":
+        return list(train["text"])
+    source, target = COLUMNS[task]
+    # denoise: the sources are the targets with words cut out, so the targets alone cover the text.
+    columns = (target,) if task == "denoise" else (source, target)
+    return [row[c] for row in train for c in columns]
 
 
 def featurize(task: str, dataset: Any, tokenizer: Any, settings: Settings) -> Any:
     """Tokenised rows with ``input_ids``, ``attention_mask`` and ``labels`` (-100 where not scored).
 
     lm: the docstrings, each ended by </s>, concatenated and cut into blocks of ``block_size`` tokens, all
-    scored. summarize: ``code <sep> summary </s>``, only the summary and </s> scored.
+    scored. Encoder-decoder tasks: ``input_ids`` = source </s>, ``labels`` = target </s>, both truncated.
     """
-    eos, sep = tokenizer.eos_token_id, tokenizer.sep_token_id
+    eos = tokenizer.eos_token_id
     if task == "lm":
 
         def blocks(batch: dict[str, list]) -> dict[str, list]:
@@ -161,14 +241,12 @@ def featurize(task: str, dataset: Any, tokenizer: Any, settings: Settings) -> An
 
         return dataset.map(blocks, batched=True, batch_size=1000, remove_columns=dataset.column_names)
 
+    source_column, target_column = COLUMNS[task]
+
     def pairs(row: dict[str, str]) -> dict[str, list]:
-        source = tokenizer(row["code"])["input_ids"][: settings.source_length] + [sep]
-        target = tokenizer(" " + row["summary"])["input_ids"][: settings.summary_length - 1] + [eos]
-        return {
-            "input_ids": source + target,
-            "attention_mask": [1] * (len(source) + len(target)),
-            "labels": [-100] * len(source) + target,
-        }
+        source = tokenizer(row[source_column])["input_ids"][: settings.source_length - 1] + [eos]
+        target = tokenizer(row[target_column])["input_ids"][: settings.target_length - 1] + [eos]
+        return {"input_ids": source, "attention_mask": [1] * len(source), "labels": target}
 
     return dataset.map(pairs, remove_columns=dataset.column_names)
 
@@ -176,21 +254,25 @@ def featurize(task: str, dataset: Any, tokenizer: Any, settings: Settings) -> An
 def collator(tokenizer: Any) -> Any:
     from transformers import DataCollatorForSeq2Seq
 
-    # Pads input_ids with <pad> and labels with -100; lm blocks are already of equal length.
+    # Pads input_ids with <pad> and labels with -100; lm blocks are already of equal length. No model is given,
+    # so no decoder_input_ids are made here: each model shifts the labels itself, and in distillation the
+    # student's are passed to the teacher (both start the decoder with <pad>, see build_seq2seq).
     return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
 
 
 # ---- models and training -----------------------------------------------------------------------------
 
 
-def build_model(tokenizer: Any, layers: int, width: int, settings: Settings, seed: int) -> Any:
+def build_model(tokenizer: Any, layers: int, width: int, settings: Settings, seed: int, arch: str = "") -> Any:
+    """A randomly initialised model: GPT-2 for lm; for the encoder-decoder tasks ``arch`` ("bart", "t5")."""
     from transformers import GPT2Config, GPT2LMHeadModel, set_seed
 
     set_seed(seed)
-    positions = settings.block_size if settings.task == "lm" else settings.source_length + 1 + settings.summary_length
+    if settings.is_seq2seq:
+        return build_seq2seq(arch or "bart", tokenizer, layers, width, settings)
     config = GPT2Config(
         vocab_size=len(tokenizer),
-        n_positions=positions,
+        n_positions=settings.block_size,
         n_embd=width,
         n_layer=layers,
         n_head=max(1, width // 64),
@@ -203,6 +285,73 @@ def build_model(tokenizer: Any, layers: int, width: int, settings: Settings, see
         attn_pdrop=0.0,
     )
     return GPT2LMHeadModel(config)
+
+
+def build_seq2seq(arch: str, tokenizer: Any, layers: int, width: int, settings: Settings) -> Any:
+    """BART or T5 with ``layers`` encoder and ``layers`` decoder layers, heads of 64, feed-forward 4 x width.
+
+    Both start the decoder with <pad> (T5's convention): the distillation trainer passes the student's decoder
+    inputs to the teacher, so they must agree. No dropout, as for lm.
+    """
+    from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
+
+    heads = max(1, width // 64)
+    ids = {
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "decoder_start_token_id": tokenizer.pad_token_id,
+    }
+    if arch == "t5":
+        config = T5Config(
+            d_model=width,
+            d_kv=width // heads,
+            d_ff=4 * width,
+            num_layers=layers,
+            num_decoder_layers=layers,
+            num_heads=heads,
+            dropout_rate=0.0,
+            feed_forward_proj="relu",
+            **ids,
+        )
+        model = T5ForConditionalGeneration(config)
+    elif arch == "bart":
+        config = BartConfig(
+            d_model=width,
+            encoder_layers=layers,
+            decoder_layers=layers,
+            encoder_attention_heads=heads,
+            decoder_attention_heads=heads,
+            encoder_ffn_dim=4 * width,
+            decoder_ffn_dim=4 * width,
+            max_position_embeddings=max(settings.source_length, settings.target_length),
+            dropout=0.0,
+            attention_dropout=0.0,
+            activation_dropout=0.0,
+            # BART's default 0.02 lets Adam flatten this small post-LN encoder within ~25 steps: its output becomes
+            # the same vector for every input and the decoder never reads the source (measured, docs/quickstart.md).
+            init_std=0.05,
+            forced_eos_token_id=None,
+            **ids,
+        )
+        model = BartForConditionalGeneration(config)
+    else:
+        raise ValueError(f"arch={arch!r}: use 't5' or 'bart'.")
+    generation = model.generation_config
+    generation.decoder_start_token_id, generation.forced_bos_token_id = tokenizer.pad_token_id, None
+    generation.eos_token_id, generation.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    return model
+
+
+def architecture(model: Any) -> str:
+    """``"BART 3+3 x 192"``: family, encoder + decoder layers (or layers), width."""
+    c = model.config
+    if c.model_type == "gpt2":
+        return f"GPT-2 {c.n_layer} x {c.n_embd}"
+    if c.model_type == "t5":
+        return f"T5 {c.num_layers}+{c.num_decoder_layers} x {c.d_model}"
+    return f"BART {c.encoder_layers}+{c.decoder_layers} x {c.d_model}"
 
 
 def training_args(output_dir: Path, settings: Settings, steps: int, lr: float, **extra: Any) -> Any:
@@ -231,14 +380,18 @@ def training_args(output_dir: Path, settings: Settings, steps: int, lr: float, *
 
 def train_teacher(settings: Settings, data: Any, cache_dir: Path) -> tuple[Any, Any, float, bool]:
     """The tokenizer and teacher, from the cache when an identical run already trained them."""
-    from transformers import AutoTokenizer, GPT2LMHeadModel, Trainer
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, Trainer
+
+    from hf_kd.data import MASK_TOKEN
 
     path = cache_dir / "quickstart" / f"teacher-{settings.task}-{settings.teacher_key()}"
     if (path / "config.json").exists():
         info = json.loads((path / "quickstart_teacher.json").read_text())
-        return AutoTokenizer.from_pretrained(path), GPT2LMHeadModel.from_pretrained(path), info["train_seconds"], True
+        auto = AutoModelForSeq2SeqLM if settings.is_seq2seq else AutoModelForCausalLM
+        return AutoTokenizer.from_pretrained(path), auto.from_pretrained(path).eval(), info["train_seconds"], True
     start = time.perf_counter()
-    tokenizer = train_tokenizer(tokenizer_texts(settings.task, data["train"]), settings.vocab_size)
+    extra = (MASK_TOKEN,) if settings.task == "denoise" else ()
+    tokenizer = train_tokenizer(tokenizer_texts(settings.task, data["train"]), settings.vocab_size, extra)
     train = featurize(settings.task, data["train"], tokenizer, settings)
     teacher = build_model(tokenizer, settings.teacher_layers, settings.teacher_width, settings, settings.seed + 1)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -281,12 +434,19 @@ class ValidationCurve(TrainerCallback):
 
 
 def train_student(
-    settings: Settings, kind: str, teacher: Any, tokenizer: Any, train: Any, valid: Any, output_dir: Path
+    settings: Settings,
+    kind: str,
+    teacher: Any,
+    tokenizer: Any,
+    train: Any,
+    valid: Any,
+    output_dir: Path,
+    arch: str = "",
 ) -> tuple[Any, Any, float, list[tuple[int, float]]]:
     """A student trained on the labels (kind "ce") or distilled from the teacher (kind "kd")."""
     from hf_kd import DistillationTrainer
 
-    student = build_model(tokenizer, settings.student_layers, settings.student_width, settings, settings.seed)
+    student = build_model(tokenizer, settings.student_layers, settings.student_width, settings, settings.seed, arch)
     curve = ValidationCurve(valid, collator(tokenizer), settings.student_steps, settings.num_evals)
     common = {
         "model": student,
@@ -320,42 +480,75 @@ def train_student(
 
 
 @torch.no_grad()
-def summaries(model: Any, tokenizer: Any, test: Any, settings: Settings) -> list[str]:
-    """Greedy summaries of the first ``rouge_examples`` featurised test rows (prompt: code <sep>)."""
+def greedy_outputs(model: Any, tokenizer: Any, test: Any, settings: Settings) -> list[str]:
+    """Greedy outputs for the first ``rouge_examples`` featurised test rows (encoder-decoder tasks)."""
     rows = _head(test, settings.rouge_examples)
     out = []
-    for i in range(0, len(rows), 32):
-        batch = rows[i : i + 32]
-        sources = [ids[: labels.count(-100)] for ids, labels in zip(batch["input_ids"], batch["labels"], strict=True)]
-        width = max(map(len, sources))
-        # Left padding, so that every row's continuation starts at the same position.
-        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(s)) + s for s in sources])
-        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sources])
-        generated = model.generate(
-            input_ids=input_ids,
-            attention_mask=mask,
-            max_new_tokens=settings.summary_length,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        out += [t.strip() for t in tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)]
+    for i in range(0, len(rows), 64):
+        batch = tokenizer.pad({"input_ids": rows[i : i + 64]["input_ids"]}, return_tensors="pt")
+        generated = model.generate(**batch, max_new_tokens=settings.target_length, do_sample=False, num_beams=1)
+        out += [t.strip() for t in tokenizer.batch_decode(generated, skip_special_tokens=True)]
     return out
+
+
+def rouge_l(predictions: list[str], references: list[str]) -> float:
+    """Mean ROUGE-L F-measure, in percent."""
+    from hf_kd.metrics import rouge
+
+    return 100 * rouge(predictions, references, ["rougeL"])["rougeL"]
+
+
+def constant_candidates(train_targets: list[str], outputs: list[list[str]], k: int = 20) -> list[str]:
+    """Single outputs that a model ignoring its input might settle on, to find the best constant output.
+
+    The ``k`` most frequent training targets, each model's most frequent output, and the most frequent training
+    words in order of frequency, 1 to ``k`` of them ("the", "the of", ...: ROUGE-L rewards common words).
+    """
+    frequent = [text for text, _ in Counter(train_targets).most_common(k)]
+    modes = [Counter(o).most_common(1)[0][0] for o in outputs if o]
+    words = [w for w, _ in Counter(w for t in train_targets for w in t.lower().split()).most_common(k)]
+    return list(dict.fromkeys([*frequent, *modes, *(" ".join(words[:n]) for n in range(1, len(words) + 1))]))
+
+
+def conditioning(predictions: list[str], references: list[str], candidates: list[str]) -> dict[str, Any]:
+    """Does a model condition on its input? Distinct greedy outputs, and ROUGE-L against the best constant output.
+
+    Passes when at least half of the outputs are distinct and the ROUGE-L is at least 1.5 times that of the best
+    single output among ``candidates`` repeated for every example.
+    """
+    scores = {c: rouge_l([c] * len(references), references) for c in candidates}
+    best = max(scores, key=scores.get)
+    score = rouge_l(predictions, references)
+    distinct = len(set(predictions))
+    ratio = score / scores[best] if scores[best] > 0 else float("inf")
+    return {
+        "distinct_outputs": distinct,
+        "outputs": len(predictions),
+        "rougeL": score,
+        "best_constant": best,
+        "best_constant_rougeL": scores[best],
+        "ratio": ratio,
+        "passes": 2 * distinct >= len(predictions) and ratio >= 1.5,
+    }
 
 
 def evaluate_model(
     model: Any, tokenizer: Any, test: Any, references: list[str], prompts: list[str], settings: Settings
 ) -> dict[str, Any]:
-    """Parameters, test perplexity, generation speed and (summarize) ROUGE-L of greedy summaries."""
-    from hf_kd.metrics import count_parameters, generation_speed, perplexity, rouge
+    """Parameters, test perplexity of the references, generation speed and (encoder-decoder) greedy outputs,
+    their ROUGE-L and how many are distinct."""
+    from hf_kd.metrics import count_parameters, generation_speed, perplexity
 
     result: dict[str, Any] = {
+        "architecture": architecture(model),
         "params": count_parameters(model),
         "test_perplexity": perplexity(model, test, batch_size=32, data_collator=collator(tokenizer)),
     }
-    if settings.task == "summarize":
-        predictions = summaries(model, tokenizer, test, settings)
-        result["test_rougeL"] = 100 * rouge(predictions, references[: len(predictions)], ["rougeL"])["rougeL"]
+    if settings.is_seq2seq:
+        predictions = greedy_outputs(model, tokenizer, test, settings)
+        result["test_rougeL"] = rouge_l(predictions, references[: len(predictions)])
+        result["distinct_outputs"] = len(set(predictions))
+        result["predictions"] = predictions
     # Best of three timings: on a shared CPU the fastest run is the one least disturbed by other processes.
     speed = max(
         generation_speed(model, tokenizer, prompts, max_new_tokens=settings.speed_new_tokens, batch_size=len(prompts))[
@@ -368,43 +561,65 @@ def evaluate_model(
 
 
 MODEL_NAMES = {"teacher": "Teacher", "student_ce": "Student, CE only", "student_kd": "Student, distilled (KD)"}
+ARCH_NAMES = {"t5": "T5", "bart": "BART", "gpt2": "GPT-2"}
 
 
-def markdown_table(models: dict[str, dict[str, Any]], task: str) -> str:
+def student_key(kind: str, arch: str, settings: Settings) -> str:
+    """``student_ce``/``student_kd`` for the main (first) architecture, ``student_ce_bart`` ... for the others."""
+    return f"student_{kind}" if arch == settings.archs[0] else f"student_{kind}_{arch}"
+
+
+def model_name(key: str, settings: Settings) -> str:
+    """The table's name for a result key: "Teacher", "Student, CE only", "Student (BART), distilled (KD)" ..."""
+    if key == "teacher":
+        return MODEL_NAMES[key]
+    kind = key.split("_")[1]
+    arch = key.split("_")[2] if key.count("_") == 2 else settings.archs[0]
+    name = MODEL_NAMES[f"student_{kind}"]
+    return name.replace("Student", f"Student ({ARCH_NAMES[arch]})") if settings.is_seq2seq else name
+
+
+def markdown_table(models: dict[str, dict[str, Any]], settings: Settings) -> str:
     """A DistilBART-style table: size, speed-up over the teacher, test metrics."""
-    header = ["Model", "Params", "Speed-up", "Tokens/s", "Test perplexity"]
-    header += ["Test ROUGE-L"] if task == "summarize" else []
+    seq2seq = settings.is_seq2seq
+    header = ["Model", "Architecture", "Params", "Speed-up", "Tokens/s", "Test perplexity"]
+    header += ["Test ROUGE-L", "Distinct outputs"] if seq2seq else []
     header += ["Train time (s)"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
     teacher_speed = models["teacher"]["tokens_per_second"]
     for key, m in models.items():
         cells = [
-            MODEL_NAMES[key],
+            model_name(key, settings),
+            m["architecture"],
             f"{m['params'] / 1e6:.2f}M",
             f"{m['tokens_per_second'] / teacher_speed:.2f}x",
             f"{m['tokens_per_second']:.0f}",
             f"{m['test_perplexity']:.2f}",
         ]
-        cells += [f"{m['test_rougeL']:.2f}"] if task == "summarize" else []
+        if seq2seq:
+            cells += [f"{m['test_rougeL']:.2f}", f"{m['distinct_outputs']} / {len(m['predictions'])}"]
         cells += [f"{m['train_seconds']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot_curves(curves: dict[str, list[tuple[int, float]]], teacher_loss: float, path: Path, task: str) -> None:
+def plot_curves(
+    curves: dict[str, list[tuple[int, float]]], teacher_loss: float, path: Path, settings: Settings
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
     from matplotlib import pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    for key, style in (("student_ce", "o-"), ("student_kd", "s-")):
-        steps, losses = zip(*curves[key], strict=True) if curves[key] else ((), ())
-        ax.plot(steps, losses, style, label=MODEL_NAMES[key], markersize=4)
+    for key, points in curves.items():
+        steps, losses = zip(*points, strict=True) if points else ((), ())
+        style = ("o" if "_ce" in key else "s") + ("-" if key.count("_") == 1 else ":")
+        ax.plot(steps, losses, style, label=model_name(key, settings), markersize=4)
     ax.axhline(teacher_loss, color="gray", linestyle="--", label="Teacher (final)")
     ax.set_xlabel("training step")
     ax.set_ylabel("validation cross-entropy (nats/token)")
-    ax.set_title(f"hf-kd quickstart ({task}): same steps, data and init")
+    ax.set_title(f"hf-kd quickstart ({settings.task}): same steps, data and init")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -413,7 +628,7 @@ def plot_curves(curves: dict[str, list[tuple[int, float]]], teacher_loss: float,
 
 
 def _settings_from_args(args: argparse.Namespace) -> Settings:
-    settings = Settings(task=args.task, seed=args.seed)
+    settings = Settings.for_task(args.task, seed=args.seed)
     if args.smoke:
         settings = dataclasses.replace(settings, **SMOKE)
     overrides = {
@@ -461,57 +676,75 @@ def _pipeline(args: argparse.Namespace) -> int:
     data = load_data(settings, cache_dir)
     stage(f"    {len(data['train'])} train / {len(data['validation'])} validation / {len(data['test'])} test rows")
 
+    layers = f"{settings.teacher_layers}+{settings.teacher_layers}" if settings.is_seq2seq else settings.teacher_layers
     stage(
-        f"2/6 tokenizer + teacher ({settings.teacher_layers} layers x {settings.teacher_width}, "
+        f"2/6 tokenizer + teacher ({'BART' if settings.is_seq2seq else 'GPT-2'} {layers} x {settings.teacher_width}, "
         f"{settings.teacher_steps} steps)"
     )
     tokenizer, teacher, teacher_seconds, cached = train_teacher(settings, data, cache_dir)
     if cached:
         stage(f"    loaded from the cache ({cache_dir / 'quickstart'}); trained in {teacher_seconds:.0f} s")
-    # A copy beside the students, so that `hf-kd distill --config recipes/configs/quickstart_lm.yaml` finds it.
+    # A copy beside the students (for lm, the teacher `hf-kd distill --config recipes/configs/quickstart_lm.yaml`
+    # distills from).
     teacher.save_pretrained(output_dir / "teacher")
     tokenizer.save_pretrained(output_dir / "teacher")
     train = featurize(settings.task, data["train"], tokenizer, settings)
     valid = _head(featurize(settings.task, data["validation"], tokenizer, settings), settings.eval_blocks)
     test = featurize(settings.task, data["test"], tokenizer, settings)
 
-    students, seconds, curves = {}, {}, {}
-    for number, kind in ((3, "ce"), (4, "kd")):
-        what = "on the labels (CE)" if kind == "ce" else f"by distillation (forward KL, T={settings.temperature})"
-        stage(
-            f"{number}/6 student {kind} ({settings.student_layers} layers x {settings.student_width}, "
-            f"{settings.student_steps} steps) {what}"
-        )
-        model, trainer, secs, curves[f"student_{kind}"] = train_student(
-            settings, kind, teacher, tokenizer, train, valid, output_dir / f"student_{kind}"
-        )
-        students[kind], seconds[kind] = model, secs
-        trainer.save_model(str(output_dir / f"student_{kind}"))
-        if kind == "kd":  # DistillationTrainer's card adds how the student was distilled
-            trainer.create_model_card(
-                dataset=f"Python {sys.version.split()[0]} stdlib docstrings ({settings.task})",
-                tasks="text-generation",
+    models, seconds, curves = {"teacher": teacher}, {"teacher": teacher_seconds}, {}
+    for arch in settings.archs:
+        for kind in ("ce", "kd"):
+            key = student_key(kind, arch, settings)
+            what = "on the labels (CE)" if kind == "ce" else f"by distillation (forward KL, T={settings.temperature})"
+            layers = settings.student_layers
+            stage(
+                f"{3 if kind == 'ce' else 4}/6 {model_name(key, settings)}: {ARCH_NAMES[arch]} "
+                f"{f'{layers}+{layers}' if settings.is_seq2seq else layers} x {settings.student_width}, "
+                f"{settings.student_steps} steps, {what}"
             )
+            models[key], trainer, seconds[key], curves[key] = train_student(
+                settings, kind, teacher, tokenizer, train, valid, output_dir / key, arch
+            )
+            trainer.save_model(str(output_dir / key))
+            if kind == "kd":  # DistillationTrainer's card adds how the student was distilled
+                trainer.create_model_card(
+                    dataset=f"Python {sys.version.split()[0]} stdlib docstrings ({settings.task})",
+                    tasks="text2text-generation" if settings.is_seq2seq else "text-generation",
+                )
 
     stage("5/6 evaluation on the test split")
-    references = list(_head(data["test"], settings.rouge_examples)["summary"]) if settings.task == "summarize" else []
+    references = (
+        list(_head(data["test"], settings.rouge_examples)[COLUMNS[settings.task][1]]) if settings.is_seq2seq else []
+    )
     prompts = [tokenizer.decode(ids[:16]) for ids in test[: settings.speed_prompts]["input_ids"]]
-    models = {"teacher": teacher, "student_ce": students["ce"], "student_kd": students["kd"]}
     results = {}
     for key, model in models.items():
         results[key] = evaluate_model(model, tokenizer, test, references, prompts, settings)
-    results["teacher"]["train_seconds"] = teacher_seconds
-    results["student_ce"]["train_seconds"] = seconds["ce"]
-    results["student_kd"]["train_seconds"] = seconds["kd"]
+        results[key]["train_seconds"] = seconds[key]
     total, count = cross_entropy_sum(teacher, valid, batch_size=32, data_collator=collator(tokenizer))
+    teacher_check = None
+    if settings.is_seq2seq:
+        train_targets = list(data["train"][COLUMNS[settings.task][1]])
+        candidates = constant_candidates(train_targets, [m["predictions"] for m in results.values()])
+        teacher_check = conditioning(results["teacher"]["predictions"], references, candidates)
+    copy_baseline = None
+    if settings.task == "denoise":
+        from hf_kd.data import MASK_TOKEN
+
+        # Not a constant: the input itself, masks dropped. ROUGE-L mostly measures copying on this task.
+        sources = _head(data["test"], settings.rouge_examples)["source"]
+        copy_baseline = rouge_l([" ".join(w for w in s.split() if w != MASK_TOKEN) for s in sources], references)
 
     stage("6/6 report")
-    metric = "test_rougeL" if settings.task == "summarize" else "test_perplexity"
-    sign = 1 if metric == "test_rougeL" else -1
-    kd_wins = sign * results["student_kd"][metric] > sign * results["student_ce"][metric]
-    table = markdown_table(results, settings.task)
+    metrics = ["test_rougeL", "test_perplexity"] if settings.is_seq2seq else ["test_perplexity"]
+    wins = {}  # per architecture: does its KD student beat its CE student on each metric?
+    for arch in settings.archs:
+        kd, ce = results[student_key("kd", arch, settings)], results[student_key("ce", arch, settings)]
+        wins[arch] = {m: kd[m] > ce[m] if m == "test_rougeL" else kd[m] < ce[m] for m in metrics}
+    table = markdown_table(results, settings)
     plot_path = output_dir / "eval_loss.png"
-    plot_curves(curves, total / count, plot_path, settings.task)
+    plot_curves(curves, total / count, plot_path, settings)
     wall = time.perf_counter() - start
     report = {
         "task": settings.task,
@@ -519,8 +752,11 @@ def _pipeline(args: argparse.Namespace) -> int:
         "settings": dataclasses.asdict(settings),
         "teacher_cached": cached,
         "models": results,
-        "main_metric": metric,
-        "kd_beats_ce": kd_wins,
+        "main_metric": metrics[0],
+        "kd_beats_ce": all(wins[settings.archs[0]].values()),  # the main pair, on every metric
+        "kd_beats_ce_on": wins,
+        "teacher_conditioning": teacher_check,
+        "copy_input_rougeL": copy_baseline,
         "eval_loss_curves": curves,
         "teacher_validation_loss": total / count,
         "wall_seconds": wall,
@@ -530,11 +766,15 @@ def _pipeline(args: argparse.Namespace) -> int:
     (output_dir / "report.json").write_text(json.dumps(report, indent=2))
     (output_dir / "report.md").write_text(_markdown_report(report, table))
     print("\n" + table + "\n")
-    verdict = "beats" if kd_wins else "does NOT beat"
-    stage(
-        f"the distilled student {verdict} the CE-only student on {metric} "
-        f"({results['student_kd'][metric]:.2f} vs {results['student_ce'][metric]:.2f})"
-    )
+    if teacher_check is not None:
+        stage(conditioning_sentence(teacher_check))
+    for arch, arch_wins in wins.items():
+        kd, ce = results[student_key("kd", arch, settings)], results[student_key("ce", arch, settings)]
+        for metric, won in arch_wins.items():
+            stage(
+                f"the distilled {ARCH_NAMES[arch]} student {'beats' if won else 'does NOT beat'} the CE-only one on "
+                f"{metric} ({kd[metric]:.2f} vs {ce[metric]:.2f})"
+            )
     stage(f"done in {wall:.0f} s; wrote {output_dir}/report.md, report.json, {plot_path.name}, student_kd/, teacher/")
     return 0
 
@@ -552,29 +792,61 @@ def _versions() -> dict[str, str]:
     }
 
 
+def conditioning_sentence(check: dict[str, Any]) -> str:
+    verdict = "conditions" if check["passes"] else "does NOT condition"
+    return (
+        f"the teacher {verdict} on its input: {check['distinct_outputs']} of {check['outputs']} greedy outputs are "
+        f"distinct (need half), ROUGE-L {check['rougeL']:.2f} vs {check['best_constant_rougeL']:.2f} for the best "
+        f"constant output {check['best_constant']!r}: {check['ratio']:.2f}x (need 1.5x)"
+    )
+
+
 def _markdown_report(report: dict[str, Any], table: str) -> str:
     s = report["settings"]
     teacher_note = " (loaded from the cache)" if report["teacher_cached"] else ""
-    # The recipe config reads the lm data; a summarize teacher is saved all the same.
+    # The recipe config reads the lm data; the other tasks' teachers are saved all the same.
     recipe = "; distill it again with `hf-kd distill --config recipes/configs/quickstart_lm.yaml`"
     recipe = recipe if report["task"] == "lm" else ""
+    models = report["models"]
+    teacher = models["teacher"]["architecture"]
+    student = " and ".join(m["architecture"] for key, m in models.items() if key.startswith("student_kd"))
+    check = report["teacher_conditioning"]
+    seq2seq = f"\nROUGE-L: greedy outputs for the first {s['rouge_examples']} test examples.\n" if check else ""
+    seq2seq += f"Conditioning check: {conditioning_sentence(check)}.\n" if check else ""
+    if report["copy_input_rougeL"] is not None:
+        seq2seq += (
+            f"For scale: the input itself with its <mask> tokens dropped scores ROUGE-L "
+            f"{report['copy_input_rougeL']:.2f} (most of each target is in its input).\n"
+        )
+    wins = "; ".join(
+        f"{ARCH_NAMES[arch]}: " + ", ".join(f"{m} {won}" for m, won in arch_wins.items())
+        for arch, arch_wins in report["kd_beats_ce_on"].items()
+    )
     return f"""# hf-kd quickstart report
 
 Task: `{report["task"]}` on the Python {report["versions"]["python"]} standard-library docstrings.
-Teacher: GPT-2, {s["teacher_layers"]} layers x {s["teacher_width"]}, {s["teacher_steps"]} steps{teacher_note}.
-Students: GPT-2, {s["student_layers"]} layers x {s["student_width"]}, {s["student_steps"]} steps each, same
-initialisation and data order; one on the labels only, one by distillation (forward KL, T = {s["temperature"]},
-alpha = {s["alpha"]}). Batch {s["batch_size"]}, byte-level BPE of {s["vocab_size"]} tokens.
+Teacher: {teacher}, {s["teacher_steps"]} steps{teacher_note}.
+Students: {student}, {s["student_steps"]} steps each; of each architecture one on the labels only and one by
+distillation (forward KL, T = {s["temperature"]}, alpha = {s["alpha"]}), with the same initialisation and data
+order. Batch {s["batch_size"]},
+one byte-level BPE tokenizer of {s["vocab_size"]} tokens for all three.
 
 {table}
-
+{seq2seq}
 Speed: greedy generation of {s["speed_new_tokens"]} new tokens for {s["speed_prompts"]} prompts, on this CPU.
-Distilled student beats CE-only student on {report["main_metric"]}: {report["kd_beats_ce"]}.
+Distilled student beats CE-only student ({wins}).
 Saved here: `student_kd/` (with its model card), `student_ce/` and `teacher/` (model and tokenizer{recipe}).
 Wall time: {report["wall_seconds"]:.0f} s. Command: `{report["command"]}`
 
 ![evaluation loss](eval_loss.png)
 """
+
+
+def _archs(text: str) -> str:
+    archs = [a.strip() for a in text.split(",")]
+    if not archs or any(a not in ("t5", "bart") for a in archs) or len(set(archs)) < len(archs):
+        raise argparse.ArgumentTypeError(f"{text!r}: use t5, bart or t5,bart")
+    return ",".join(archs)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -583,19 +855,21 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "quickstart",
         help="Distill a small model end to end on built-in data, offline, in a few CPU minutes.",
         description=(
-            "Train a small GPT-2 teacher from scratch on the docstrings of the Python standard library (cached "
-            "for later runs), then two students with the same step budget, data and initialisation: one on the "
+            "Train a small teacher from scratch on the docstrings of the Python standard library (cached for "
+            "later runs), then two students with the same step budget, data and initialisation: one on the "
             "labels alone, one by distillation from the teacher. Evaluate the three on the test split and write "
             "report.md, report.json, eval_loss.png, the distilled student (with its model card) and the teacher "
-            "to --output-dir. Needs no network; about 600 CPU-seconds (see docs/quickstart.md)."
+            "to --output-dir. Needs no network; a few CPU minutes (see docs/quickstart.md)."
         ),
     )
     parser.add_argument(
         "--task",
-        choices=["lm", "summarize"],
-        default="lm",
-        help="lm: language modelling of docstrings (perplexity); summarize: function source -> "
-        "first docstring sentence (perplexity and ROUGE-L). Default: lm.",
+        choices=TASKS,
+        default=DEFAULT_TASK,
+        help="denoise: BART-style text infilling of docstrings, a BART teacher and T5 students (ROUGE-L and "
+        "perplexity); summarize: function source -> first docstring sentence, same models (its teacher does not "
+        "learn to read the code within the budget, see docs/quickstart.md); lm: language modelling of docstrings "
+        f"with GPT-2 models (perplexity). Default: {DEFAULT_TASK}.",
     )
     parser.add_argument(
         "--output-dir", default="hf_kd_quickstart", help="Where reports and students go (default: ./hf_kd_quickstart)."
@@ -612,7 +886,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="Tiny models, data and step counts: checks the whole pipeline in well under a minute.",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
-    sizes = parser.add_argument_group("sizes and budget (defaults: the measured design, see docs/quickstart.md)")
+    sizes = parser.add_argument_group(
+        "sizes and budget (defaults: the task's measured design, shown for the default task; see docs/quickstart.md)"
+    )
+    default_design = Settings.for_task(DEFAULT_TASK)
+    sizes.add_argument(
+        "--student-archs",
+        type=_archs,
+        default=None,
+        help=f"encoder-decoder tasks: comma-separated student architectures, t5 and/or bart; a CE and a KD student "
+        f"of each (default {default_design.student_archs})",
+    )
     for name, kind in (
         ("teacher_steps", int),
         ("student_steps", int),
@@ -623,12 +907,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         ("student_width", int),
         ("vocab_size", int),
         ("block_size", int),
+        ("source_length", int),
+        ("target_length", int),
+        ("mask_fraction", float),
+        ("max_words", int),
         ("teacher_lr", float),
         ("student_lr", float),
         ("temperature", float),
         ("max_train_docs", int),
     ):
-        default = getattr(Settings, name)
+        default = getattr(default_design, name)
         help_text = f"default: {default if default is not None else 'all'}"
         sizes.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=help_text)
     sizes.add_argument("--alpha", type=float, default=None, help="weight of CE in the KD student's loss (default 0)")
