@@ -688,11 +688,13 @@ def _pipeline(args: argparse.Namespace) -> int:
     # distills from).
     teacher.save_pretrained(output_dir / "teacher")
     tokenizer.save_pretrained(output_dir / "teacher")
+    # The students' cards name the teacher published beside them, not the cache folder it was loaded from.
+    teacher.name_or_path = teacher.config.name_or_path = str(output_dir / "teacher")
     train = featurize(settings.task, data["train"], tokenizer, settings)
     valid = _head(featurize(settings.task, data["validation"], tokenizer, settings), settings.eval_blocks)
     test = featurize(settings.task, data["test"], tokenizer, settings)
 
-    models, seconds, curves = {"teacher": teacher}, {"teacher": teacher_seconds}, {}
+    models, seconds, curves, card_writers = {"teacher": teacher}, {"teacher": teacher_seconds}, {}, {}
     for arch in settings.archs:
         for kind in ("ce", "kd"):
             key = student_key(kind, arch, settings)
@@ -707,11 +709,8 @@ def _pipeline(args: argparse.Namespace) -> int:
                 settings, kind, teacher, tokenizer, train, valid, output_dir / key, arch
             )
             trainer.save_model(str(output_dir / key))
-            if kind == "kd":  # DistillationTrainer's card adds how the student was distilled
-                trainer.create_model_card(
-                    dataset=f"Python {sys.version.split()[0]} stdlib docstrings ({settings.task})",
-                    tasks="text2text-generation" if settings.is_seq2seq else "text-generation",
-                )
+            if kind == "kd":  # its card, with the test metrics, is written after the evaluation
+                card_writers[key] = trainer
 
     stage("5/6 evaluation on the test split")
     references = (
@@ -737,6 +736,12 @@ def _pipeline(args: argparse.Namespace) -> int:
         copy_baseline = rouge_l([" ".join(w for w in s.split() if w != MASK_TOKEN) for s in sources], references)
 
     stage("6/6 report")
+    for key, trainer in card_writers.items():  # DistillationTrainer's card adds how the student was distilled
+        trainer.create_model_card(
+            dataset=f"Python {sys.version.split()[0]} stdlib docstrings ({settings.task})",
+            tasks="text2text-generation" if settings.is_seq2seq else "text-generation",
+            metrics={m: results[key][m] for m in ("test_rougeL", "test_perplexity") if m in results[key]},
+        )
     metrics = ["test_rougeL", "test_perplexity"] if settings.is_seq2seq else ["test_perplexity"]
     wins = {}  # per architecture: does its KD student beat its CE student on each metric?
     for arch in settings.archs:

@@ -132,6 +132,11 @@ def test_smoke_run_outputs_agree_with_recomputation(request, cache_dir, task):
     assert count_parameters(teacher) == models["teacher"]["params"]
     card = (out / "student_kd" / "README.md").read_text()  # the model card, with the distillation section
     assert "distill" in card.lower() and "stdlib docstrings" in card
+    # A card a person would publish: the teacher beside it by name, no local path, the test metrics measured.
+    assert "`teacher` (a local folder)" in card
+    assert str(out) not in card and str(cache_dir) not in card and "/tmp" not in card
+    for metric in ("test_perplexity", "test_rougeL") if seq2seq else ("test_perplexity",):
+        assert f"| {metric} | {kd[metric]:.4g} |" in card
 
 
 def test_second_run_reuses_the_cached_teacher(tmp_path, cache_dir, lm_run):
