@@ -427,6 +427,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="Seed of the tail samples.")
     parser.add_argument("--batch-size", type=int, default=8, help="Rows per teacher forward pass (default 8).")
     parser.add_argument("--shard-size", type=int, default=1000, help="Rows per resumable shard.")
+    add_teacher_runtime_options(parser)
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace a cache made with other settings (deletes its manifest and shards, nothing else).",
+    )
+    parser.set_defaults(run=run)
+    return parser
+
+
+def add_teacher_runtime_options(parser: argparse.ArgumentParser) -> None:
+    """--device, --dtype and --trust-remote-code: how a command that runs the teacher loads it."""
     parser.add_argument("--device", default=None, help="cuda, cpu ... (default: cuda when available).")
     parser.add_argument(
         "--dtype",
@@ -437,13 +449,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--trust-remote-code", action="store_true", help="Run the repository's model code (only one you have read)."
     )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="Replace a cache made with other settings (deletes its manifest and shards, nothing else).",
-    )
-    parser.set_defaults(run=run)
-    return parser
 
 
 def run_command(command: str, body: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:

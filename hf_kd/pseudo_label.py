@@ -29,6 +29,7 @@ from datasets import Dataset, Features, Value, concatenate_datasets
 from torch import nn
 
 from hf_kd.cache import (
+    add_teacher_runtime_options,
     config_hash,
     dataset_hash,
     load_model_for_cli,
@@ -297,16 +298,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--min-rouge-l", type=float, default=None, help="Drop teacher outputs below this ROUGE-L.")
     parser.add_argument("--max-wer", type=float, default=None, help="Drop teacher outputs above this WER.")
-    parser.add_argument("--device", default=None, help="cuda, cpu ... (default: cuda when available).")
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="dtype the teacher runs in (default auto: as saved).",
-    )
-    parser.add_argument(
-        "--trust-remote-code", action="store_true", help="Run the repository's model code (only one you have read)."
-    )
+    add_teacher_runtime_options(parser)
     parser.add_argument(
         "--overwrite",
         action="store_true",
