@@ -7,8 +7,8 @@ tokens whose first 16 are an unscored prompt), then times one optimizer step of 
 * ``ce_only``: fetch rows, collate, student forward, cross-entropy, backward, AdamW step;
 * ``online_kd``: the same plus the teacher's forward and the dense forward KL of hf_kd.losses;
 * ``cache_kd``: the same as ce_only but the rows carry cache columns and the loss is the k + 1 bucket forward KL
-  of hf_kd.sparse (no teacher in memory), through the trainer's default path (hf_kd.chunked with
-  :class:`~hf_kd.sparse.TopKRows`: closed-form gradient, no slice of the logits);
+  of hf_kd.losses.topk (no teacher in memory), through the trainer's default path (hf_kd.losses.chunked with
+  :class:`~hf_kd.losses.topk.TopKRows`: closed-form gradient, no slice of the logits);
   ``cache_kd_uniform`` / ``cache_kd_sampled``: the same with the uniform tail / the sampled tail (a cache with
   64 tail samples per target); ``cache_kd_reference``: the unchunked autograd reference
   (``sparse_distillation_loss`` on sliced logits), what the trainer did before.
@@ -40,11 +40,11 @@ import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import DataCollatorForSeq2Seq, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast  # noqa: E402
 
-from hf_kd.cache import build_teacher_cache, cache_size  # noqa: E402
-from hf_kd.cached_teacher import BATCH_KEY, CachedTeacher  # noqa: E402
-from hf_kd.chunked import chunked_distillation_loss  # noqa: E402
 from hf_kd.losses import distillation_loss  # noqa: E402
-from hf_kd.sparse import TopKRows  # noqa: E402
+from hf_kd.losses.chunked import chunked_distillation_loss  # noqa: E402
+from hf_kd.losses.topk import TopKRows  # noqa: E402
+from hf_kd.teachers.cache import BATCH_KEY, CachedTeacher  # noqa: E402
+from hf_kd.teachers.cache_writer import build_teacher_cache, cache_size  # noqa: E402
 
 WORKLOAD = {
     "vocab": 50257,

@@ -6,11 +6,11 @@ order and steps are trained on the same training blocks and scored by test perpl
 
 * ``ce``: cross-entropy on the data;
 * ``kd_online``: DistillationTrainer, forward KL (alpha 0, T 1) against the live teacher;
-* ``kd_cache_k<K>[_s<M>][_uniform]``: the same loss from a top-K cache (hf_kd.cache) through
+* ``kd_cache_k<K>[_s<M>][_uniform]``: the same loss from a top-K cache (hf_kd.teachers.cache_writer) through
   ``DistillationTrainer(teacher_cache=...)``: the k + 1 bucket forward KL; with ``_s<M>`` the cache also holds M
   tail samples per target and the loss uses the unbiased sampled tail; with ``_uniform`` the uniform tail;
 * ``seqkd``: cross-entropy on the teacher's greedy continuations of each block's first 16 tokens
-  (hf_kd.pseudo_label), the block's text after them replaced.
+  (hf_kd.teachers.pseudo_label), the block's text after them replaced.
 
 Results: benchmarks/results/cache_quality.json / .md.
 """
@@ -36,10 +36,10 @@ from transformers import AutoTokenizer, GPT2LMHeadModel, Trainer  # noqa: E402
 
 from hf_kd import DistillationConfig, DistillationTrainer  # noqa: E402
 from hf_kd import quickstart as qs  # noqa: E402
-from hf_kd.cache import build_teacher_cache, cache_size  # noqa: E402
-from hf_kd.cached_teacher import CachedTeacher  # noqa: E402
 from hf_kd.metrics import perplexity  # noqa: E402
-from hf_kd.pseudo_label import assemble, generate_pseudo_labels  # noqa: E402
+from hf_kd.teachers.cache import CachedTeacher  # noqa: E402
+from hf_kd.teachers.cache_writer import build_teacher_cache, cache_size  # noqa: E402
+from hf_kd.teachers.pseudo_label import assemble, generate_pseudo_labels  # noqa: E402
 
 
 def training_args(output_dir: Path, settings: Any, seed: int, **extra: Any) -> DistillationConfig:

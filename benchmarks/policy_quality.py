@@ -44,10 +44,10 @@ from transformers import AutoTokenizer, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from hf_kd import DistillationConfig, DistillationTrainer  # noqa: E402
 from hf_kd import quickstart as qs  # noqa: E402
-from hf_kd.cross_inputs import CrossTokenizerAligner, CrossTokenizerCollator  # noqa: E402
-from hf_kd.cross_tokenizer import VocabularyMap  # noqa: E402
 from hf_kd.losses import IGNORE_INDEX  # noqa: E402
 from hf_kd.metrics import cross_entropy_sum  # noqa: E402
+from hf_kd.teachers.cross_tokenizer.inputs import CrossTokenizerAligner, CrossTokenizerCollator  # noqa: E402
+from hf_kd.teachers.cross_tokenizer.vocabulary import VocabularyMap  # noqa: E402
 
 PROMPT = 16  # tokens of each 64-token block given as the prompt; the other 48 are the targets
 VARIANTS = [

@@ -279,8 +279,8 @@ def _loss_worker(variant: str, device: str, vocab: int, warmup: int, steps: int)
     import torch
     import torch.nn.functional as F
 
-    from hf_kd.chunked import OutputLayer, chunked_distillation_loss, fused_distillation_loss
     from hf_kd.losses import distillation_loss
+    from hf_kd.losses.chunked import OutputLayer, chunked_distillation_loss, fused_distillation_loss
 
     w = LOSS_WORKLOAD
     meter = Meter(device)

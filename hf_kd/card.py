@@ -6,8 +6,8 @@ import os
 import re
 from typing import Any
 
-from hf_kd import __version__
 from hf_kd.losses import DIVERGENCES
+from hf_kd.version import __version__
 
 _LOSS_NAMES = {
     "forward_kl": "forward KL, KL(teacher || student)",

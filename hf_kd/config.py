@@ -9,9 +9,9 @@ from typing import Any
 
 from transformers import Seq2SeqTrainingArguments
 
-from hf_kd.hidden import HIDDEN_LOSSES
 from hf_kd.losses import DIVERGENCES
-from hf_kd.sparse import TAIL_TREATMENTS
+from hf_kd.losses.topk import TAIL_TREATMENTS
+from hf_kd.student.hidden import HIDDEN_LOSSES
 
 
 @dataclass
@@ -28,6 +28,13 @@ class DistillationConfig(Seq2SeqTrainingArguments):
         metadata={
             "help": "Hub id or local directory of the teacher, used when no `teacher_model` object is passed to "
             "the trainer. Loaded with AutoModelForSeq2SeqLM or AutoModelForCausalLM, whichever fits its config."
+        },
+    )
+    teacher_weights: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "With several teachers (`teacher_model=[t1, t2, ...]`): one positive weight per teacher; their "
+            "next-token probabilities are mixed with these weights (normalised). Equal weights when unset."
         },
     )
     teacher_cache: str | None = field(

@@ -22,10 +22,10 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PretrainedConfig
 
 from hf_kd.metrics import count_parameters, generation_speed, load_metric, perplexity
-from hf_kd.recipe import _first_line, _load_config, task_of
-from hf_kd.recipe_args import ConfigError, DataArguments, check_values, load_yaml_config
-from hf_kd.recipe_data import check_columns, load_raw_datasets, tokenize_causal, tokenize_seq2seq
-from hf_kd.teacher import TokenizerMismatchError, check_same_tokenizer, has_vocabulary, load_saved_tokenizer
+from hf_kd.recipe.args import ConfigError, DataArguments, check_values, load_yaml_config
+from hf_kd.recipe.data import check_columns, load_raw_datasets, tokenize_causal, tokenize_seq2seq
+from hf_kd.recipe.run import _first_line, _load_config, task_of
+from hf_kd.teachers.loading import TokenizerMismatchError, check_same_tokenizer, has_vocabulary, load_saved_tokenizer
 
 # The DataArguments fields `evaluate` takes from the command line (the training-only ones are left out).
 DATA_OPTIONS = (

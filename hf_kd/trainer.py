@@ -1,4 +1,9 @@
-"""DistillationTrainer: a Seq2SeqTrainer whose loss is token-level distillation from a frozen teacher."""
+"""DistillationTrainer: a Seq2SeqTrainer whose loss is token-level distillation from a frozen teacher.
+
+One seam: a teacher source (:mod:`hf_kd.teachers`) gives the rows of each batch's targets, and one scoring
+function (:func:`hf_kd.losses.score`) turns the student's output and those rows into the loss. Which settings
+cannot be combined is one table, :data:`REFUSALS`, checked once when the trainer is built.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +19,6 @@ from torch import nn
 from transformers import DataCollatorForSeq2Seq, PreTrainedModel, Seq2SeqTrainer
 from transformers.integrations import is_deepspeed_zero3_enabled
 
-from hf_kd.cached_teacher import BATCH_KEY, CACHE_COLUMNS, CachedTeacher
 from hf_kd.card import (
     card_metrics,
     distillation_section,
@@ -24,22 +28,83 @@ from hf_kd.card import (
     markdown_name,
     public_name,
 )
-from hf_kd.chunked import chunked_distillation_loss, fused_distillation_loss
 from hf_kd.config import DistillationConfig
-from hf_kd.cross_tokenizer import VocabularyMap
-from hf_kd.cross_trainer import check_cross_tokenizer, cross_tokenizer_step, make_collator, realign, student_inputs
 from hf_kd.generation import generate_causal_targets, generate_seq2seq_targets
-from hf_kd.hidden import PROJECTION_FILE, HiddenStateDistiller
-from hf_kd.losses import IGNORE_INDEX, DistillationLossOutput, distillation_loss
-from hf_kd.output_layer import forward_without_logits, output_layer
-from hf_kd.sparse import TopKRows, sparse_distillation_loss
-from hf_kd.teacher import check_compatible, load_teacher, prepare_teacher, shared_vocab_size
-from hf_kd.teacher_forward import check_shared_encoder, rows_at_targets, target_logits
+from hf_kd.losses import (
+    IGNORE_INDEX,
+    DistillationLossOutput,
+    LossSettings,
+    StudentOutput,
+    forward_without_logits,
+    output_layer,
+    score,
+)
+from hf_kd.student.hidden import PROJECTION_FILE, HiddenStateDistiller
+from hf_kd.teachers import CachedTeacher, CrossTokenizerTeacher, LiveTeacher, TeacherEnsemble, TeacherSource
+from hf_kd.teachers.cache import CACHE_COLUMNS
+from hf_kd.teachers.cross_tokenizer.source import check_cross_tokenizer, make_collator, realign
+from hf_kd.teachers.cross_tokenizer.vocabulary import VocabularyMap
+from hf_kd.teachers.live import check_shared_encoder
+from hf_kd.teachers.loading import (
+    check_compatible,
+    check_same_tokenizer,
+    load_teacher,
+    prepare_teacher,
+    shared_vocab_size,
+)
 
 # What _accumulate sums between two logs, per mode: divergence, cross-entropy and top-1 agreement over target
 # tokens, the target tokens, the hidden-state loss over the batches that had one, and the target tokens that had
 # a teacher (all of them, but for a cache-trained student's evaluation rows without a cache).
 _SUMS = ("kd", "ce", "tokens", "agreement", "hidden", "hidden_batches", "teacher_tokens")
+
+_LIVE = "needs a live teacher: it cannot be used with teacher_cache."
+_OTHER_TOKENS = "is not supported with cross_tokenizer (the models read different tokens)."
+_ONE_TEACHER = "needs a single teacher; a teacher ensemble has several (cache the ensemble's rows or use one teacher)."
+REFUSALS: tuple[tuple[str, str, str], ...] = (
+    # (a setting, a setting it cannot be combined with, why): checked once, in DistillationTrainer.__init__.
+    ("teacher_cache", "lmbda > 0", f"lmbda > 0 {_LIVE}"),
+    ("teacher_cache", "seq_kd", f"seq_kd {_LIVE}"),
+    ("teacher_cache", "cross_tokenizer", f"cross_tokenizer {_LIVE}"),
+    ("teacher_cache", "hidden_state_loss_weight > 0", f"hidden_state_loss_weight > 0 {_LIVE}"),
+    ("teacher_cache", "teacher_reuses_student_encoder", f"teacher_reuses_student_encoder {_LIVE}"),
+    ("cross_tokenizer", "seq_kd", "seq_kd (the teacher writes targets) is not supported with cross_tokenizer."),
+    ("cross_tokenizer", "fuse_output_layer", f"fuse_output_layer {_OTHER_TOKENS}"),
+    ("cross_tokenizer", "teacher_reuses_student_encoder", f"teacher_reuses_student_encoder {_OTHER_TOKENS}"),
+    ("cross_tokenizer", "hidden_state_loss_weight > 0",
+     "hidden_state_loss_weight > 0 needs shared positions: it cannot be used with cross_tokenizer."),
+    ("teacher_reuses_student_encoder", "hidden_state_loss_weight > 0",
+     "teacher_reuses_student_encoder skips the teacher's encoder, so its hidden states are not there for "
+     "hidden_state_loss_weight > 0 (a frozen copy would match them exactly anyway). Use one or the other."),
+    ("hidden_state_loss_weight > 0", "DeepSpeed or FSDP",
+     "hidden_state_loss_weight > 0 is not supported with DeepSpeed or FSDP yet: its projection is trained outside "
+     "the wrapped model. Use DDP or a single device, or set it to 0."),
+    ("teacher ensemble", "seq_kd", f"seq_kd (the teacher writes targets) {_ONE_TEACHER}"),
+    ("teacher ensemble", "hidden_state_loss_weight > 0", f"hidden_state_loss_weight > 0 {_ONE_TEACHER}"),
+    ("teacher ensemble", "teacher_reuses_student_encoder", f"teacher_reuses_student_encoder {_ONE_TEACHER}"),
+)  # fmt: skip
+
+
+def check_refusals(in_use: set[str]) -> None:
+    """Raise the first :data:`REFUSALS` entry whose two settings are both in use."""
+    for first, second, message in REFUSALS:
+        if first in in_use and second in in_use:
+            raise ValueError(message)
+
+
+def settings_in_use(args: DistillationConfig, **facts: bool) -> set[str]:
+    """The names :data:`REFUSALS` speaks of that this run uses: the config's, and ``facts`` known at construction
+    (``teacher_cache``, ``teacher ensemble``, ``DeepSpeed or FSDP``)."""
+    flags = {
+        "cross_tokenizer": args.cross_tokenizer,
+        "lmbda > 0": args.lmbda > 0,
+        "seq_kd": args.seq_kd,
+        "hidden_state_loss_weight > 0": args.hidden_state_loss_weight > 0,
+        "teacher_reuses_student_encoder": args.teacher_reuses_student_encoder,
+        "fuse_output_layer": args.fuse_output_layer,
+        **facts,
+    }
+    return {name for name, on in flags.items() if on}
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +120,14 @@ class DistillationTrainer(Seq2SeqTrainer):
 
     Args:
         model: the student, a causal LM or an encoder-decoder model.
-        teacher_model: the teacher, a model object or a Hub id / local path; when ``None``,
-            ``args.teacher_model_name_or_path`` is loaded.
+        teacher_model: the teacher, a model object or a Hub id / local path, or a list of them (a teacher
+            ensemble, mixed in probability space with ``args.teacher_weights``, see
+            :class:`hf_kd.teachers.TeacherEnsemble`); when ``None``, ``args.teacher_model_name_or_path`` is loaded.
         args: a :class:`hf_kd.DistillationConfig`.
         processing_class: the student's tokenizer.
         teacher_processing_class: the teacher's tokenizer, when it may differ from the student's; the
             trainer then checks that both map the same tokens to the same ids.
-        teacher_cache: a :class:`hf_kd.cached_teacher.CachedTeacher` or the folder written by ``hf-kd
+        teacher_cache: a :class:`hf_kd.teachers.cache.CachedTeacher` or the folder written by ``hf-kd
             cache-teacher``, in place of a teacher: no teacher is loaded, the loss uses its top-k rows.
         **kwargs: everything else :class:`transformers.Seq2SeqTrainer` takes (datasets, collator, callbacks,
             ``compute_metrics`` ...).
@@ -71,10 +137,11 @@ class DistillationTrainer(Seq2SeqTrainer):
     # so the Trainer must not divide it again by the number of accumulation steps.
     loss_is_scaled_for_ga = True
 
+
     def __init__(
         self,
         model: PreTrainedModel | nn.Module | None = None,
-        teacher_model: PreTrainedModel | nn.Module | str | None = None,
+        teacher_model: PreTrainedModel | nn.Module | str | list[PreTrainedModel | nn.Module | str] | None = None,
         args: DistillationConfig | None = None,
         processing_class: Any = None,
         teacher_processing_class: Any = None,
@@ -101,63 +168,94 @@ class DistillationTrainer(Seq2SeqTrainer):
 
         super().__init__(model=model, args=args, processing_class=processing_class, **kwargs)
         self._warn_engine_fallback()
+        check_refusals(
+            settings_in_use(
+                args,
+                teacher_cache=self.teacher_cache is not None,
+                **{"teacher ensemble": isinstance(teacher_model, TeacherEnsemble),
+                   "DeepSpeed or FSDP": self.is_deepspeed_enabled or self.is_fsdp_enabled},
+            )  # fmt: skip
+        )
         self.is_encoder_decoder = is_encoder_decoder
         # Have the Trainer count target tokens over accumulated micro-batches and pass num_items_in_batch.
         self.model_accepts_loss_kwargs = True
         self._kd_sums = {mode: torch.zeros(len(_SUMS), dtype=self._sum_dtype) for mode in ("train", "eval")}
+        self.loss_settings = LossSettings.from_config(args)
+        if args.fuse_output_layer:
+            output_layer(model)  # raises UnfusableModelError for a model whose logits it cannot reproduce
+        self.teacher_source: TeacherSource
         if self.teacher_cache is not None:
             self.teacher, self.hidden_distiller = None, None
-            # Resolved (and refused when the cache or loss cannot serve it) once, here, not at every step.
-            self.cache_tail = self.teacher_cache.tail_treatment(args.teacher_cache_tail, args.loss)
             self.vocab_size = self.teacher_cache.vocab_size
             self.teacher_name = self.teacher_cache.fingerprint.get("teacher_name") or self.teacher_cache.path
+            # Resolved (and refused when the cache or loss cannot serve it) once, here, not at every step.
+            self.teacher_source = self.teacher_cache.source(
+                self.teacher_cache.tail_treatment(args.teacher_cache_tail, args.loss)
+            )
         else:
-            if args.cross_tokenizer:
-                self.vocab_map = VocabularyMap.from_tokenizers(processing_class, teacher_processing_class)
-            else:
-                self.vocab_size = shared_vocab_size(model, teacher_model, processing_class, teacher_processing_class)
             self.hidden_distiller = self._make_hidden_distiller(model, teacher_model)
-            self._check_fast_paths(model, teacher_model)
+            if args.teacher_reuses_student_encoder:
+                check_shared_encoder(model, teacher_model)
+            if args.cross_tokenizer:
+                self.vocab_size = None
+                vocab_map = VocabularyMap.from_tokenizers(processing_class, teacher_processing_class)
+            else:  # before the teacher is prepared: ZeRO-3 leaves its output layer empty
+                self.vocab_size = shared_vocab_size(model, teacher_model, processing_class, teacher_processing_class)
             self.teacher = prepare_teacher(teacher_model, args, self.accelerator)
+            if args.cross_tokenizer:
+                self.teacher_source = CrossTokenizerTeacher(self.teacher, vocab_map)
+            else:
+                self.teacher_source = LiveTeacher(self.teacher, self.vocab_size, args.teacher_reuses_student_encoder)
         self._check_labels_present()
 
     def _resolve_teacher(
         self,
-        teacher_model: nn.Module | str | None,
+        teacher_model: nn.Module | str | list[nn.Module | str] | None,
         model: nn.Module,
         args: DistillationConfig,
         processing_class: Any,
         teacher_processing_class: Any,
         kwargs: dict[str, Any],
     ) -> tuple[nn.Module, Any]:
-        """The teacher model (loaded when named) and its tokenizer, checked against the student."""
+        """The teacher model (loaded when named; an ensemble when several) and its tokenizer, checked against
+        the student."""
         teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
         if teacher_model is None:
             raise ValueError(
                 "No teacher: pass `teacher_model=` (a model or a path), set `teacher_model_name_or_path` in the "
                 "DistillationConfig, or train from a cache with `teacher_cache=` (see `hf-kd cache-teacher`)."
             )
-        self.teacher_name = teacher_model if isinstance(teacher_model, str) else _model_name(teacher_model)
-        if isinstance(teacher_model, str):
-            teacher_model, loaded_tokenizer = load_teacher(teacher_model, args)
-            teacher_processing_class = teacher_processing_class or loaded_tokenizer
-        if teacher_model is model:
-            raise ValueError(
-                "The teacher is the student object itself: distilling a model into itself teaches nothing. "
-                "Pass a separate teacher (e.g. a larger model, or a frozen copy made with copy.deepcopy)."
-            )
+        members = list(teacher_model) if isinstance(teacher_model, list | tuple) else [teacher_model]
+        if args.teacher_weights is not None and len(members) < 2:
+            raise ValueError("teacher_weights weighs the teachers of an ensemble: pass teacher_model=[t1, t2, ...].")
+        names, loaded = [], []
+        for member in members:
+            names.append(member if isinstance(member, str) else _model_name(member))
+            if isinstance(member, str):
+                member, member_tokenizer = load_teacher(member, args)
+                if teacher_processing_class is None:
+                    teacher_processing_class = member_tokenizer
+                elif member_tokenizer is not None and len(members) > 1:
+                    check_same_tokenizer(teacher_processing_class, member_tokenizer, fix=_ENSEMBLE_FIX)
+            if member is model:
+                raise ValueError(
+                    "The teacher is the student object itself: distilling a model into itself teaches nothing. "
+                    "Pass a separate teacher (e.g. a larger model, or a frozen copy made with copy.deepcopy)."
+                )
+            loaded.append(member)
+        self.teacher_name = " + ".join(names)
+        teacher_model = loaded[0] if len(loaded) == 1 else TeacherEnsemble(loaded, args.teacher_weights)
         if args.cross_tokenizer:
             # A causal teacher may teach an encoder-decoder student: it reads the source as its prompt.
             check_cross_tokenizer(model, teacher_model, processing_class, teacher_processing_class)
-            if args.seq_kd:
-                raise ValueError("seq_kd (the teacher writes targets) is not supported with cross_tokenizer.")
             if kwargs.get("data_collator") is None:
                 is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
                 kwargs["data_collator"] = make_collator(
                     args, is_encoder_decoder, processing_class, teacher_processing_class
                 )
         else:
-            check_compatible(model, teacher_model)
+            for member in loaded:
+                check_compatible(model, member)
         return teacher_model, teacher_processing_class
 
     @staticmethod
@@ -177,16 +275,7 @@ class DistillationTrainer(Seq2SeqTrainer):
             raise ValueError(
                 "Pass a teacher (teacher_model / teacher_model_name_or_path) or a teacher_cache, not both."
             )
-        unsupported = {
-            "lmbda > 0": args.lmbda > 0,
-            "seq_kd": args.seq_kd,
-            "cross_tokenizer": args.cross_tokenizer,
-            "hidden_state_loss_weight > 0": args.hidden_state_loss_weight > 0,
-            "teacher_reuses_student_encoder": args.teacher_reuses_student_encoder,
-        }
-        for name, on in unsupported.items():
-            if on:
-                raise ValueError(f"{name} needs a live teacher: it cannot be used with teacher_cache.")
+        check_refusals(settings_in_use(args, teacher_cache=True))  # before the cache is read and joined
         cache = teacher_cache if isinstance(teacher_cache, CachedTeacher) else CachedTeacher(teacher_cache)
         cache.check_temperature(args.temperature)  # the cached log-probabilities are at the cache's temperature
         cache.check_student(model)
@@ -249,36 +338,11 @@ class DistillationTrainer(Seq2SeqTrainer):
         if "labels" not in batch:
             raise ValueError(_missing_labels_message(self.args.alpha))
 
-    def _check_fast_paths(self, student: nn.Module, teacher: nn.Module) -> None:
-        """fuse_output_layer and teacher_reuses_student_encoder: refuse what they cannot do, now."""
-        args = self.args
-        for name in ("fuse_output_layer", "teacher_reuses_student_encoder"):
-            if getattr(args, name) and args.cross_tokenizer:
-                raise ValueError(f"{name} is not supported with cross_tokenizer (the models read different tokens).")
-        if args.fuse_output_layer:
-            output_layer(student)  # raises UnfusableModelError for a model whose logits it cannot reproduce
-        if args.teacher_reuses_student_encoder:
-            if self.hidden_distiller is not None:
-                raise ValueError(
-                    "teacher_reuses_student_encoder skips the teacher's encoder, so its hidden states are not there "
-                    "for hidden_state_loss_weight > 0 (a frozen copy would match them exactly anyway). Use one or "
-                    "the other."
-                )
-            check_shared_encoder(student, teacher)
 
     def _make_hidden_distiller(self, student: nn.Module, teacher: nn.Module) -> HiddenStateDistiller | None:
         """The hidden-state term's layer pairs and projections, when hidden_state_loss_weight > 0."""
         if self.args.hidden_state_loss_weight == 0.0:
             return None
-        if self.args.cross_tokenizer:
-            raise ValueError(
-                "hidden_state_loss_weight > 0 needs shared positions: it cannot be used with cross_tokenizer."
-            )
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            raise ValueError(
-                "hidden_state_loss_weight > 0 is not supported with DeepSpeed or FSDP yet: its projection is trained "
-                "outside the wrapped model. Use DDP or a single device, or set it to 0."
-            )
         distiller = HiddenStateDistiller(
             student.config,
             teacher.config,
@@ -300,8 +364,39 @@ class DistillationTrainer(Seq2SeqTrainer):
 
     # ---- the loss -------------------------------------------------------------------------------------
 
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        if not model.training:
+            num_items_in_batch = None  # evaluation reports the per-batch mean
+        labels = self._targets(inputs)
+        # Training only: in evaluation the Trainer would collect the hidden-state tuples as predictions.
+        with_hidden = self.hidden_distiller is not None and model.training
+        student_inputs = self._student_inputs(model, inputs, with_hidden)
+        student, outputs = self._run_student(model, student_inputs)
+        teacher = self.teacher_source.rows(inputs, student_inputs, labels, outputs, with_outputs=with_hidden)
+        result = score(student, teacher.rows, labels, self.loss_settings, self.vocab_size, num_items_in_batch)
+        loss = result.loss
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            # DDP averages gradients over processes, but the normalizer already counts every process's tokens.
+            loss = loss * self.accelerator.num_processes
+        hidden = None
+        if with_hidden:
+            # `inputs`, not the student's: a seq2seq batch's decoder mask comes from its labels. A per-micro-batch
+            # mean: averaged over accumulation here and over processes by DDP.
+            hidden = self.hidden_distiller.loss_from_outputs(outputs, teacher.outputs, inputs, self.is_encoder_decoder)
+            scale = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + self.args.hidden_state_loss_weight * hidden / scale
+        self._accumulate("train" if model.training else "eval", result, hidden)
+        return (loss, outputs) if return_outputs else loss
+
     def _targets(self, inputs: dict[str, Any]) -> torch.Tensor:
-        """Labels aligned with the logits: shifted for causal LMs; attention-masked input ids without labels."""
+        """Labels aligned with the student's output positions (a causal LM's shifted left, -100 at the end);
+        the attention-masked input ids of a causal batch without labels."""
         labels = inputs.get("labels")
         if labels is None:
             if self.args.alpha > 0.0:
@@ -309,7 +404,30 @@ class DistillationTrainer(Seq2SeqTrainer):
             if self.is_encoder_decoder:
                 raise ValueError("An encoder-decoder student needs `labels` (the decoder targets) in each batch.")
             labels = inputs["input_ids"].masked_fill(inputs["attention_mask"].eq(0), IGNORE_INDEX)
-        return labels if self.is_encoder_decoder else labels[..., 1:]
+        if self.is_encoder_decoder:
+            return labels
+        return torch.nn.functional.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
+
+    def _student_inputs(self, model: nn.Module, inputs: dict[str, Any], with_hidden: bool) -> dict[str, Any]:
+        """What the student's forward takes: the source's part of the batch, without labels (the loss is ours)."""
+        student_inputs = dict(self.teacher_source.student_inputs(inputs))
+        labels = student_inputs.pop("labels", None)
+        if self.is_encoder_decoder and "decoder_input_ids" not in student_inputs:
+            student = self.accelerator.unwrap_model(model)
+            student_inputs["decoder_input_ids"] = student.prepare_decoder_input_ids_from_labels(labels=labels)
+        student_inputs["use_cache"] = False
+        if with_hidden:
+            student_inputs["output_hidden_states"] = True
+        return student_inputs
+
+    def _run_student(self, model: nn.Module, student_inputs: dict[str, Any]) -> tuple[StudentOutput, Any]:
+        """The student's forward pass. Fused: it stops before its output layer, which the loss applies chunk by
+        chunk. Training only: evaluation may hand the logits to compute_metrics, and needs no gradient memory."""
+        if self.loss_settings.fuse_output_layer and model.training:
+            hidden_states, outputs = forward_without_logits(model, student_inputs)
+            return StudentOutput(None, hidden_states, output_layer(model)), outputs
+        outputs = model(**student_inputs)
+        return StudentOutput(outputs.logits), outputs
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):  # noqa: ANN001, ANN201
         """The micro-batches of one optimizer step, with generated targets on on-policy or seq_kd steps, and
@@ -362,160 +480,6 @@ class DistillationTrainer(Seq2SeqTrainer):
                 )
         finally:
             generator.train(was_training)
-
-    def compute_loss(
-        self,
-        model: nn.Module,
-        inputs: dict[str, Any],
-        return_outputs: bool = False,
-        num_items_in_batch: torch.Tensor | int | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        if not model.training:
-            num_items_in_batch = None  # evaluation reports the per-batch mean
-        if self.args.cross_tokenizer:
-            result, outputs = cross_tokenizer_step(
-                model,
-                self.teacher,
-                inputs,
-                vocab_map=self.vocab_map,
-                args=self.args,
-                is_encoder_decoder=self.is_encoder_decoder,
-                num_items_in_batch=num_items_in_batch,
-            )
-            hidden = None
-        else:
-            result, outputs, hidden = self._same_tokenizer_loss(model, inputs, num_items_in_batch)
-        loss = result.loss
-        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
-            # DDP averages gradients over processes, but the normalizer already counts every process's tokens.
-            loss = loss * self.accelerator.num_processes
-        if hidden is not None:
-            # A per-micro-batch mean: averaged over accumulation here and over processes by DDP.
-            scale = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
-            loss = loss + self.args.hidden_state_loss_weight * hidden / scale
-
-        self._accumulate("train" if model.training else "eval", result, hidden)
-        return (loss, outputs) if return_outputs else loss
-
-    def _same_tokenizer_loss(
-        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None
-    ) -> tuple[DistillationLossOutput, Any, torch.Tensor | None]:
-        """The token-level loss, the student's outputs and, in training with hidden_state_loss_weight > 0, the
-        hidden-state loss."""
-        targets = self._targets(inputs)
-        model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", BATCH_KEY)}
-        if self.is_encoder_decoder and "decoder_input_ids" not in model_inputs:
-            student = self.accelerator.unwrap_model(model)
-            model_inputs["decoder_input_ids"] = student.prepare_decoder_input_ids_from_labels(labels=targets)
-        model_inputs["use_cache"] = False
-        if self.teacher_cache is not None:
-            return self._cached_teacher_loss(model, model_inputs, inputs.get(BATCH_KEY), targets, num_items_in_batch)
-        # Training only: in evaluation the Trainer would collect the hidden-state tuples as predictions.
-        with_hidden = self.hidden_distiller is not None and model.training
-        if with_hidden:
-            model_inputs["output_hidden_states"] = True
-
-        # Fused: the student stops before its output layer; the loss applies it chunk by chunk. Training only:
-        # evaluation may hand the logits to compute_metrics, and needs no gradient memory.
-        fuse = self.args.fuse_output_layer and model.training
-        if fuse:
-            last_hidden, outputs = forward_without_logits(model, model_inputs)
-        else:
-            outputs = model(**model_inputs)
-        teacher_inputs = model_inputs
-        if self.args.teacher_reuses_student_encoder:
-            # The student's encoder is a frozen copy of the teacher's (checked in __init__): skip the teacher's.
-            encoder_states = outputs.encoder_last_hidden_state.to(next(self.teacher.parameters()).dtype)
-            teacher_inputs = {**model_inputs, "encoder_outputs": (encoder_states,)}
-        hidden = None
-        if with_hidden:
-            # The hidden-state loss keeps the teacher's states in the graph: no inference mode for it.
-            with torch.no_grad():
-                teacher_outputs = self.teacher(**teacher_inputs)
-            teacher_rows = rows_at_targets(teacher_outputs.logits, targets, self.vocab_size, self.is_encoder_decoder)
-            # `inputs`, not model_inputs: a seq2seq batch's decoder mask comes from its labels.
-            hidden = self.hidden_distiller.loss_from_outputs(outputs, teacher_outputs, inputs, self.is_encoder_decoder)
-            del teacher_outputs
-        else:
-            # Inference mode, the teacher's dtype, and only the target rows kept (or computed at all).
-            teacher_rows = target_logits(
-                self.teacher, teacher_inputs, targets, self.vocab_size, self.is_encoder_decoder
-            )
-
-        kwargs = {
-            "loss": self.args.loss,
-            "temperature": self.args.temperature,
-            "alpha": self.args.alpha,
-            "beta": self.args.beta,
-            "skew": self.args.skew,
-            "num_items_in_batch": num_items_in_batch,
-        }
-        # Labels for every output position (a causal LM's last position predicts nothing): no logits are sliced.
-        aligned = targets if self.is_encoder_decoder else torch.nn.functional.pad(targets, (0, 1), value=IGNORE_INDEX)
-        chunk = self.args.loss_chunk_size
-        if fuse:
-            result = fused_distillation_loss(
-                last_hidden, output_layer(model), teacher_rows, aligned, vocab_size=self.vocab_size, chunk_size=chunk,
-                **kwargs,
-            )  # fmt: skip
-        elif chunk:
-            result = chunked_distillation_loss(
-                outputs.logits, teacher_rows, aligned, vocab_size=self.vocab_size, chunk_size=chunk, **kwargs
-            )
-        else:
-            mask = aligned.ne(IGNORE_INDEX)
-            student_rows = outputs.logits[..., : self.vocab_size][mask]
-            result = distillation_loss(student_rows, teacher_rows, aligned[mask], **kwargs)
-        return result, outputs, hidden
-
-    def _cached_teacher_loss(
-        self,
-        model: nn.Module,
-        model_inputs: dict[str, Any],
-        cache_rows: dict[str, torch.Tensor] | None,
-        targets: torch.Tensor,
-        num_items_in_batch: torch.Tensor | int | None,
-    ) -> tuple[DistillationLossOutput, Any, None]:
-        """The loss against the cached top-k rows; cross-entropy alone for rows without a cache (an eval set).
-
-        The same three paths as with a live teacher: fused (training with fuse_output_layer), chunked (the
-        default: the gradient in closed form, chunk by chunk) and the unchunked reference.
-        """
-        settings = {"temperature": self.args.temperature, "num_items_in_batch": num_items_in_batch}
-        if cache_rows is None:
-            outputs = model(**model_inputs)
-            logits = outputs.logits[..., : self.vocab_size]
-            logits = logits if self.is_encoder_decoder else logits[:, :-1]
-            result = distillation_loss(logits, logits.detach(), targets, alpha=1.0, **settings)
-            result.kd_sum, result.agreement = None, None  # there was no teacher to compare with
-            return result, outputs, None
-        rows = TopKRows.from_batch(cache_rows, self.cache_tail)
-        kwargs = {"loss": self.args.loss, "alpha": self.args.alpha, "beta": self.args.beta, "skew": self.args.skew}
-        kwargs.update(settings)
-        chunk = self.args.loss_chunk_size
-        aligned = targets if self.is_encoder_decoder else torch.nn.functional.pad(targets, (0, 1), value=IGNORE_INDEX)
-        if self.args.fuse_output_layer and model.training:
-            last_hidden, outputs = forward_without_logits(model, model_inputs)
-            result = fused_distillation_loss(
-                last_hidden, output_layer(model), rows, aligned, vocab_size=self.vocab_size,
-                chunk_size=chunk, **kwargs,
-            )  # fmt: skip
-            return result, outputs, None
-        outputs = model(**model_inputs)
-        if chunk:
-            result = chunked_distillation_loss(
-                outputs.logits, rows, aligned, vocab_size=self.vocab_size, chunk_size=chunk, **kwargs
-            )
-        else:
-            mask = aligned.ne(IGNORE_INDEX)
-            result = sparse_distillation_loss(
-                outputs.logits[..., : self.vocab_size][mask],
-                cache_rows,
-                aligned[mask],
-                tail_treatment=self.cache_tail,
-                **kwargs,
-            )
-        return result, outputs, None
 
     # ---- the hidden-state projection: optimized, synchronized and saved beside the student -------------
 
@@ -577,7 +541,7 @@ class DistillationTrainer(Seq2SeqTrainer):
         # Seq2SeqTrainer reports the student's own CE when generating; report the distillation loss instead.
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, self._prepare_inputs(inputs)).detach()
-        plain = student_inputs({k: v for k, v in inputs.items() if k != BATCH_KEY})
+        plain = self.teacher_source.student_inputs(inputs)
         _, generated, labels = super().prediction_step(
             model, plain, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs
         )
@@ -699,6 +663,9 @@ class DistillationTrainer(Seq2SeqTrainer):
 
 def _model_name(model: nn.Module) -> str:
     return str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
+
+
+_ENSEMBLE_FIX = "The teachers of an ensemble must share one tokenizer (and the student's)."
 
 
 def _missing_labels_message(alpha: float) -> str:

@@ -3,12 +3,12 @@
     python recipes/distill_seq2seq.py recipes/configs/CONFIG.yaml [--key value ...]
     accelerate launch --config_file recipes/accelerate/ddp.yaml recipes/distill_seq2seq.py recipes/configs/CONFIG.yaml
 
-The logic lives in hf_kd.recipe; see docs/recipes.md.
+The logic lives in hf_kd.recipe.run; see docs/recipes.md.
 """
 
 import sys
 
-from hf_kd.recipe import main
+from hf_kd.recipe.run import main
 
 if __name__ == "__main__":
     sys.exit(main(task="seq2seq"))

@@ -9,9 +9,9 @@ import pytest
 import torch
 from cross_tokenizer_helpers import byte_bpe_tokenizer, corpus, sentencepiece_tokenizer
 
-from hf_kd.alignment import Span, aligned_spans, boundaries, shared_boundaries
-from hf_kd.cross_inputs import CrossTokenizerAligner, CrossTokenizerCollator, split_inputs
 from hf_kd.losses import IGNORE_INDEX
+from hf_kd.teachers.cross_tokenizer.alignment import Span, aligned_spans, boundaries, shared_boundaries
+from hf_kd.teachers.cross_tokenizer.inputs import CrossTokenizerAligner, CrossTokenizerCollator, split_inputs
 
 # ---- hand-made offsets ---------------------------------------------------------------------------------------
 

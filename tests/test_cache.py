@@ -12,11 +12,11 @@ from conftest import make_tokenizer, random_sentences, tiny_gpt2, tiny_t5
 from datasets import Dataset, load_from_disk
 from transformers import DataCollatorForSeq2Seq
 
-from hf_kd.cache import build_teacher_cache, cache_size
-from hf_kd.cached_teacher import BATCH_KEY, CachedTeacher, CacheMismatchError
 from hf_kd.losses import distillation_loss, log_probs
-from hf_kd.shards import ShardError
-from hf_kd.sparse import CacheAlignmentError, sparse_distillation_loss
+from hf_kd.losses.topk import CacheAlignmentError, sparse_distillation_loss
+from hf_kd.teachers.cache import BATCH_KEY, CachedTeacher, CacheMismatchError
+from hf_kd.teachers.cache_writer import build_teacher_cache, cache_size
+from hf_kd.teachers.shards import ShardError
 
 # ---- the sparse divergence ---------------------------------------------------------------------------------
 
@@ -120,7 +120,7 @@ def test_sparse_is_finite_for_extreme_students() -> None:
 
 def test_confident_student_tail_is_floored_not_rounding_noise() -> None:
     """A student with ~all its mass on the teacher's top-k: its float32 tail is rounding error, floored at 1e-5."""
-    from hf_kd.sparse import STUDENT_TAIL_FLOOR
+    from hf_kd.losses.topk import STUDENT_TAIL_FLOOR
 
     torch.manual_seed(0)
     n, vocab, k = 64, 30, 8
@@ -171,7 +171,7 @@ def _seq2seq_rows(tok, n: int = 9) -> Dataset:
 
 
 def test_cache_rows_equal_per_example_teacher_topk(tmp_path: Path, tok, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("hf_kd.cache.ROW_CHUNK", 7)  # several row chunks per batch
+    monkeypatch.setattr("hf_kd.teachers.cache_writer.ROW_CHUNK", 7)  # several row chunks per batch
     teacher = tiny_gpt2(len(tok), seed=7).eval()
     data = _causal_rows(tok)
     unscored = {"input_ids": data[0]["input_ids"], "attention_mask": data[0]["attention_mask"]}
@@ -318,7 +318,7 @@ def test_cli_cache_teacher(tmp_path: Path, tok) -> None:
 
 
 def test_batch_without_targets_gives_empty_columns(tok) -> None:
-    from hf_kd.cache import teacher_topk
+    from hf_kd.teachers.cache_writer import teacher_topk
 
     teacher = tiny_gpt2(len(tok), seed=7).eval()
     ids = torch.tensor([[5, 6, 7]])

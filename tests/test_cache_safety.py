@@ -13,10 +13,10 @@ from conftest import make_tokenizer, random_sentences, tiny_gpt2
 from datasets import Dataset, DatasetDict
 from recipe_helpers import write_data
 
-from hf_kd.cache import build_teacher_cache
-from hf_kd.cached_teacher import CachedTeacher
 from hf_kd.cli import main
-from hf_kd.recipe_args import ConfigError
+from hf_kd.recipe.args import ConfigError
+from hf_kd.teachers.cache import CachedTeacher
+from hf_kd.teachers.cache_writer import build_teacher_cache
 
 SHARD_SIZE = "3"  # 7 rows: shards 0, 1, 2
 

@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from hf_kd import DistillationTrainer
 from hf_kd.card import distillation_section, hub_id, public_name
-from hf_kd.recipe import run_recipe
-from hf_kd.recipe_args import parse_recipe_config
+from hf_kd.recipe.args import parse_recipe_config
+from hf_kd.recipe.run import run_recipe
 
 HOME = os.path.expanduser("~")
 

@@ -6,10 +6,9 @@ import pytest
 import torch
 from conftest import tiny_bart, tiny_gpt2, tiny_t5
 
-from hf_kd import chunked
-from hf_kd.chunked import OutputLayer, chunked_distillation_loss, fused_distillation_loss
-from hf_kd.losses import DIVERGENCES, IGNORE_INDEX, distillation_loss
-from hf_kd.output_layer import UnfusableModelError, forward_without_logits, output_layer
+from hf_kd.losses import DIVERGENCES, IGNORE_INDEX, chunked, distillation_loss
+from hf_kd.losses.chunked import OutputLayer, chunked_distillation_loss, fused_distillation_loss
+from hf_kd.losses.output_layer import UnfusableModelError, forward_without_logits, output_layer
 
 RTOL = 1e-5
 # Gradients that are exactly 0 in exact arithmetic (attention key biases: softmax ignores a shift) come out as

@@ -273,7 +273,7 @@ def test_teacher_with_another_tokenizer_is_a_one_line_error(capsys, tmp_path, mo
 
 
 def test_override_values_are_read_as_yaml_then_as_text(models, lm_files, tmp_path):
-    from hf_kd.recipe_args import parse_recipe_config
+    from hf_kd.recipe.args import parse_recipe_config
 
     path = write_config(tmp_path / "c.yaml", tiny_causal_config(models, lm_files, tmp_path / "out"))
     tokens = ["--learning_rate", "5e-5", "--max_steps=7", "--eval_split", "null", "--source_prefix", "summarize: "]

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_kd import DistillationConfig, DistillationTrainer
 from hf_kd.cli import build_parser, main
-from hf_kd.teacher import has_vocabulary, load_teacher
+from hf_kd.teachers.loading import has_vocabulary, load_teacher
 
 COMMANDS = ("distill", "evaluate", "quickstart", "make-student", "cache-teacher", "pseudo-label")
 CLI_DOCS = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
@@ -129,7 +129,7 @@ def test_both_spellings_parse_to_the_same_value():
 
 
 def test_distill_overrides_take_kebab_case_keys(tmp_path, lm_files):
-    from hf_kd.recipe_args import parse_recipe_config
+    from hf_kd.recipe.args import parse_recipe_config
 
     path = tmp_path / "c.yaml"
     path.write_text(json.dumps({"output_dir": str(tmp_path / "out"), "report_to": "none", "data_files": lm_files}))
@@ -230,7 +230,7 @@ def test_trainer_distills_from_a_teacher_folder_without_tokenizer_files(tmp_path
 
 
 def test_recipe_tokenizer_skips_a_student_folder_without_tokenizer_files(tmp_path, models):
-    from hf_kd.recipe import load_tokenizer
+    from hf_kd.recipe.run import load_tokenizer
 
     model_args = SimpleNamespace(
         tokenizer_name_or_path=None,

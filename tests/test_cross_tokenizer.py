@@ -12,18 +12,17 @@ from cross_tokenizer_helpers import byte_bpe_tokenizer, corpus, sentencepiece_to
 from tokenizers import Tokenizer, decoders, models, normalizers
 from transformers import PreTrainedTokenizerFast
 
-from hf_kd.cross_inputs import CrossTokenizerAligner, TokenAlignment
-from hf_kd.cross_tokenizer import (
+from hf_kd.losses import IGNORE_INDEX, LossSettings, StudentOutput, cross_tokenizer_loss, distillation_loss, score
+from hf_kd.teachers.cross_tokenizer.inputs import CrossTokenizerAligner, TokenAlignment
+from hf_kd.teachers.cross_tokenizer.source import CrossTokenizerTeacher, check_cross_tokenizer, make_collator, realign
+from hf_kd.teachers.cross_tokenizer.vocabulary import (
     EOS_KEY,
     TokenScheme,
     VocabularyMap,
-    cross_tokenizer_loss,
     normalized_vocabulary,
     token_bytes,
     token_scheme,
 )
-from hf_kd.cross_trainer import check_cross_tokenizer, cross_tokenizer_step, make_collator, realign
-from hf_kd.losses import IGNORE_INDEX, distillation_loss
 
 # ---- token strings --------------------------------------------------------------------------------------------
 
@@ -259,19 +258,21 @@ def test_training_a_t5_style_student_on_a_gpt2_style_teacher_reduces_the_loss():
 # ---- the trainer's side ---------------------------------------------------------------------------------------
 
 
-def test_step_runs_both_models_on_their_own_inputs_and_shifts_a_causal_student():
+def test_source_runs_the_teacher_on_its_own_inputs_and_scores_a_shifted_causal_student():
     tok, batch, student, _ = _same_tokenizer_setup()
     teacher = tiny_gpt2(len(tok), seed=1)
-    args = SimpleNamespace(loss="jsd", temperature=1.5, alpha=0.4, beta=0.5, skew=0.1, uld_weight=1.0)
-    vocab_map = VocabularyMap.from_tokenizers(tok, tok)
-    result, outputs = cross_tokenizer_step(
-        student, teacher, batch.to_dict(), vocab_map=vocab_map, args=args, is_encoder_decoder=False
-    )
+    settings = LossSettings(loss="jsd", temperature=1.5, alpha=0.4, beta=0.5, skew=0.1, uld_weight=1.0)
+    source = CrossTokenizerTeacher(teacher, VocabularyMap.from_tokenizers(tok, tok))
+    inputs = batch.to_dict()
+    student_inputs = {k: v for k, v in source.student_inputs(inputs).items() if k != "labels"}
+    outputs = student(**student_inputs)
+    labels = torch.nn.functional.pad(batch.student["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
+    rows = source.rows(inputs, student_inputs, labels, outputs).rows
+    result = score(StudentOutput(outputs.logits), rows, labels, settings, vocab_size=None)
     with torch.no_grad():
         teacher_logits = teacher(**batch.teacher).logits
-    labels = batch.student["labels"]
-    expected = distillation_loss(outputs.logits[:, :-1], teacher_logits[:, :-1], labels[:, 1:], loss="jsd",
-                                 temperature=1.5, alpha=0.4)  # fmt: skip
+    expected = distillation_loss(outputs.logits[:, :-1], teacher_logits[:, :-1], batch.student["labels"][:, 1:],
+                                 loss="jsd", temperature=1.5, alpha=0.4)  # fmt: skip
     assert result.loss.item() == pytest.approx(expected.loss.item(), rel=1e-4)
 
 

@@ -9,15 +9,15 @@ import torch
 from conftest import tiny_bart, tiny_gpt2
 from transformers import GPT2Config
 
-from hf_kd.hidden import (
+from hf_kd.losses import IGNORE_INDEX
+from hf_kd.student.hidden import (
     PROJECTION_CONFIG_FILE,
     PROJECTION_FILE,
     HiddenStateDistiller,
     default_hidden_layer_map,
     hidden_masks,
 )
-from hf_kd.losses import IGNORE_INDEX
-from hf_kd.student import make_student
+from hf_kd.student.make import make_student
 
 VOCAB = 48
 

@@ -15,10 +15,10 @@ import torch.nn.functional as F
 import yaml
 
 from hf_kd import DistillationConfig
-from hf_kd.chunked import OutputLayer, chunked_distillation_loss, fused_distillation_loss
 from hf_kd.cli import main
 from hf_kd.losses import DIVERGENCES, IGNORE_INDEX, distillation_loss
-from hf_kd.sparse import TopKRows, sparse_distillation_loss
+from hf_kd.losses.chunked import OutputLayer, chunked_distillation_loss, fused_distillation_loss
+from hf_kd.losses.topk import TopKRows, sparse_distillation_loss
 
 VOCAB, HIDDEN = 13, 8
 DENSE_PATHS = ("plain", "chunked", "fused")

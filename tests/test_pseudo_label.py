@@ -11,7 +11,7 @@ from conftest import make_tokenizer, random_sentences, tiny_gpt2, tiny_t5
 from datasets import Dataset, load_from_disk
 from rouge_score import rouge_scorer
 
-from hf_kd.pseudo_label import assemble, generate_pseudo_labels, word_error_rate
+from hf_kd.teachers.pseudo_label import assemble, generate_pseudo_labels, word_error_rate
 
 
 @pytest.fixture(scope="module")

@@ -243,8 +243,8 @@ def test_recipe_config_distills_from_the_saved_teacher(lm_run, cache_dir, tmp_pa
     from pathlib import Path
 
     from hf_kd.data import load_stdlib_docstrings
-    from hf_kd.recipe import run_recipe
-    from hf_kd.recipe_args import parse_recipe_config
+    from hf_kd.recipe.args import parse_recipe_config
+    from hf_kd.recipe.run import run_recipe
 
     out, _ = lm_run
     config = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "quickstart_lm.yaml"

@@ -250,8 +250,8 @@ def test_rows_with_an_empty_target_are_left_out(tmp_path):
     """A batch of only such rows would have no label position (the collator fails on it)."""
     from conftest import make_tokenizer
 
-    from hf_kd.recipe_args import DataArguments
-    from hf_kd.recipe_data import tokenize_seq2seq
+    from hf_kd.recipe.args import DataArguments
+    from hf_kd.recipe.data import tokenize_seq2seq
 
     rows = [{"source": "one two", "target": t} for t in ("three", "", "four five", " ")]
     data_args = DataArguments(data_files="unused.jsonl", source_column="source", target_column="target")

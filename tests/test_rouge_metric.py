@@ -21,7 +21,7 @@ from transformers import EvalPrediction
 import hf_kd.metrics
 from hf_kd.cli import main
 from hf_kd.metrics import ROUGE_PATH, load_metric, load_rouge, rouge
-from hf_kd.recipe import rouge_metrics
+from hf_kd.recipe.run import rouge_metrics
 
 KEYS = ["rouge1", "rouge2", "rougeL", "rougeLsum"]
 PREDICTIONS = [

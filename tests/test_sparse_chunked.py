@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_kd.cache import sample_tail
-from hf_kd.chunked import OutputLayer, chunked_distillation_loss, fused_distillation_loss
 from hf_kd.losses import distillation_loss, log_probs
-from hf_kd.sparse import TopKRows, sparse_distillation_loss
+from hf_kd.losses.chunked import OutputLayer, chunked_distillation_loss, fused_distillation_loss
+from hf_kd.losses.topk import TopKRows, sparse_distillation_loss
+from hf_kd.teachers.cache_writer import sample_tail
 
 
 def cache_rows(teacher_logits: torch.Tensor, k: int, temperature: float, m: int = 0, seed: int = 0) -> dict:

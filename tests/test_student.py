@@ -28,7 +28,7 @@ from transformers import (
 )
 
 from hf_kd.cli import main as cli_main
-from hf_kd.student import PUBLISHED_MAPS, RECORD_FILE, default_layers, make_student, resolve_layer_map
+from hf_kd.student.make import PUBLISHED_MAPS, RECORD_FILE, default_layers, make_student, resolve_layer_map
 
 VOCAB = 48
 

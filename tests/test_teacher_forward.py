@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_bart, tiny_gpt2
 
 from hf_kd.losses import IGNORE_INDEX
-from hf_kd.teacher_forward import check_shared_encoder, target_logits
+from hf_kd.teachers.live import check_shared_encoder, target_logits
 
 
 def test_causal_rows_equal_sliced_full_logits() -> None:
@@ -116,7 +116,7 @@ def test_fsdp_cpu_ram_efficient_loading_is_refused_for_the_teacher(efficient: bo
     from accelerate import FullyShardedDataParallelPlugin
     from accelerate.utils import DistributedType
 
-    from hf_kd.teacher import prepare_teacher
+    from hf_kd.teachers.loading import prepare_teacher
 
     assert "cpu_ram_efficient_loading" in FullyShardedDataParallelPlugin.__dataclass_fields__  # what we read
     plugin = SimpleNamespace(cpu_ram_efficient_loading=efficient)

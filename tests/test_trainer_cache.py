@@ -12,8 +12,8 @@ from helpers import config, seq2seq_collator, seq2seq_dataset
 from transformers import DataCollatorForSeq2Seq
 
 from hf_kd import DistillationTrainer
-from hf_kd.cache import build_teacher_cache
-from hf_kd.cached_teacher import BATCH_KEY, CacheMismatchError
+from hf_kd.teachers.cache import BATCH_KEY, CacheMismatchError
+from hf_kd.teachers.cache_writer import build_teacher_cache
 
 
 def causal_rows(tokenizer, n=8):
@@ -99,7 +99,7 @@ def test_tail_treatment_follows_the_config_and_the_cache(tmp_path, tokenizer):
         )  # fmt: skip
 
     def tail_of(t):
-        return t.cache_tail
+        return t.teacher_source.tail_treatment
 
     assert tail_of(trainer("plain")) == "bucket"
     assert tail_of(trainer("sampled")) == "sampled"

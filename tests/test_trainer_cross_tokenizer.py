@@ -61,7 +61,7 @@ def test_a_causal_student_on_policy(tmp_path):
 
 
 def test_without_the_flag_different_tokenizers_are_refused(tmp_path):
-    from hf_kd.teacher import TokenizerMismatchError
+    from hf_kd.teachers.loading import TokenizerMismatchError
 
     with pytest.raises((TokenizerMismatchError, ValueError)):
         DistillationTrainer(

@@ -169,7 +169,7 @@ def test_teacher_loaded_from_a_local_folder(tmp_path, tokenizer):
 
 
 def test_trust_remote_code_is_off_unless_asked(tmp_path, tokenizer, monkeypatch):
-    import hf_kd.teacher as teacher_module
+    import hf_kd.teachers.loading as teacher_module
 
     calls = []
     real = teacher_module.AutoConfig.from_pretrained

@@ -11,7 +11,7 @@ from helpers import config, lm_collator, lm_dataset, seq2seq_collator, seq2seq_d
 from safetensors.torch import load_file
 
 from hf_kd import DistillationTrainer
-from hf_kd.hidden import PROJECTION_FILE, HiddenStateDistiller, hidden_masks, hidden_states_of
+from hf_kd.student.hidden import PROJECTION_FILE, HiddenStateDistiller, hidden_masks, hidden_states_of
 
 
 def test_loss_adds_the_weighted_hidden_term(tmp_path, tokenizer):

@@ -24,10 +24,10 @@ tail (``tail_treatment``):
 
 Temperature: a cache stores ``log_softmax(teacher_logits / T)`` for the ``T`` it was made with; the student is
 softened by the same ``T`` here, and a different training temperature is refused by
-:class:`hf_kd.cached_teacher.CachedTeacher` (the teacher's logits are gone, so it cannot be changed).
+:class:`hf_kd.teachers.cache.CachedTeacher` (the teacher's logits are gone, so it cannot be changed).
 
 :func:`sparse_distillation_loss` is the readable reference; :func:`topk_chunk_loss` computes the same loss and
-its gradient for one chunk of rows in closed form, which :mod:`hf_kd.chunked` (the trainer's path) calls.
+its gradient for one chunk of rows in closed form, which :mod:`hf_kd.losses.chunked` (the trainer's path) calls.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from hf_kd.losses import IGNORE_INDEX, MIN_LOG_PROB, DistillationLossOutput, get_divergence, mix_terms
+from hf_kd.losses.base import IGNORE_INDEX, DistillationLossOutput, mix_terms, mixed_loss
+from hf_kd.losses.divergences import MIN_LOG_PROB, get_divergence
 
 TAIL_TREATMENTS = ("bucket", "uniform", "sampled")
 # Smallest student tail mass the bucket divergence distinguishes (see bucket_log_probs).
@@ -70,7 +71,7 @@ class TopKRows:
 
     @classmethod
     def from_batch(cls, cache_batch: dict[str, torch.Tensor], tail_treatment: str = "bucket") -> TopKRows:
-        """The rows of ``batch["teacher_cache"]`` (see :class:`hf_kd.cached_teacher.CacheCollator`)."""
+        """The rows of ``batch["teacher_cache"]`` (see :class:`hf_kd.teachers.cache.CacheCollator`)."""
         return cls(
             ids=cache_batch["topk_ids"],
             logprobs=cache_batch["topk_logprobs"],
@@ -194,7 +195,7 @@ def topk_divergence(
 
 def sparse_distillation_loss(
     student_logits: torch.Tensor,
-    cache_batch: dict[str, torch.Tensor],
+    cache_batch: dict[str, torch.Tensor] | TopKRows,
     labels: torch.Tensor,
     *,
     loss: str = "forward_kl",
@@ -210,14 +211,15 @@ def sparse_distillation_loss(
     """:func:`hf_kd.losses.distillation_loss` with the teacher's logits replaced by cached top-k rows.
 
     The readable reference: autograd through one log-softmax over ``[targets, vocab]``. The trainer uses the
-    same math through :func:`hf_kd.chunked.chunked_distillation_loss` with :class:`TopKRows`, whose gradient is
+    same math through :func:`hf_kd.losses.chunked.chunked_distillation_loss` with :class:`TopKRows`, whose gradient is
     formed in closed form chunk by chunk. ``chunk_size`` is accepted for symmetry with the dense loss and unused.
 
     Args:
         student_logits: ``[..., V]`` logits aligned with ``labels`` (sliced to the cache's vocabulary).
         cache_batch: ``topk_ids [N, k]``, ``topk_logprobs [N, k]``, ``tail_logmass [N]``, optionally
             ``target_ids [N]`` and the tail samples, one row per target token of the batch in row-major order
-            (what :class:`hf_kd.cached_teacher.CacheCollator` puts in ``batch["teacher_cache"]``).
+            (what :class:`hf_kd.teachers.cache.CacheCollator` puts in ``batch["teacher_cache"]``), or those rows
+            as :class:`TopKRows` (whose own ``tail_treatment`` then applies).
         labels: ``[...]`` target ids, -100 where not scored.
         check_targets: compare ``target_ids`` with the labels and raise :class:`CacheAlignmentError` when they
             differ (a cache joined to the wrong rows); costs one device sync.
@@ -225,7 +227,8 @@ def sparse_distillation_loss(
         The other arguments are those of :func:`hf_kd.losses.distillation_loss`.
     """
     del chunk_size
-    rows = TopKRows.from_batch(cache_batch, tail_treatment)
+    rows = cache_batch if isinstance(cache_batch, TopKRows) else TopKRows.from_batch(cache_batch, tail_treatment)
+    tail_treatment = rows.tail_treatment
     check_tail_treatment(tail_treatment, loss, rows)
     divergence = get_divergence(loss, beta=beta, skew=skew)
     mask = labels.ne(IGNORE_INDEX)
@@ -251,12 +254,7 @@ def sparse_distillation_loss(
         # The cache keeps the top-k sorted, so column 0 is the teacher's top-1 token.
         agreement = (logits.argmax(-1)[positions] == rows.ids[:, 0].long()).sum()
 
-    normalizer = num_items_in_batch if num_items_in_batch is not None else max(num_tokens, 1)
-    if torch.is_tensor(normalizer):
-        normalizer = normalizer.to(kd_sum.device)
-    total = mix_terms(ce_sum, kd_sum, alpha, temperature) / normalizer
-    if num_tokens == 0:
-        total = logits.flatten()[:0].sum()  # a zero tied to the graph, even with -inf logits
+    total = mixed_loss(ce_sum, kd_sum, num_tokens, alpha, temperature, num_items_in_batch, anchor=logits)
     return DistillationLossOutput(
         loss=total, kd_sum=kd_sum.detach(), ce_sum=ce_sum.detach(), num_tokens=num_tokens, agreement=agreement
     )

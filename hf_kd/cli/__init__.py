@@ -6,7 +6,12 @@ import argparse
 import sys
 from typing import Any, NoReturn
 
-from hf_kd import __version__, cache, evaluation, pseudo_label, quickstart, recipe, student_cli
+from hf_kd import evaluation, quickstart
+from hf_kd.cli import make_student as student_cli
+from hf_kd.recipe import run as recipe
+from hf_kd.teachers import cache_writer as cache
+from hf_kd.teachers import pseudo_label
+from hf_kd.version import __version__
 
 
 class Parser(argparse.ArgumentParser):

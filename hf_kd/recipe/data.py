@@ -12,7 +12,7 @@ from typing import Any
 import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
-from hf_kd.recipe_args import STDLIB_DOCSTRINGS, ConfigError, DataArguments, not_utf8
+from hf_kd.recipe.args import STDLIB_DOCSTRINGS, ConfigError, DataArguments, not_utf8
 
 logger = logging.getLogger(__name__)
 

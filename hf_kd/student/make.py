@@ -258,7 +258,7 @@ def make_student(
     """
     if isinstance(teacher, (str, os.PathLike)):
         teacher_name = str(teacher)
-        from hf_kd.teacher import load_teacher
+        from hf_kd.teachers.loading import load_teacher
 
         teacher, loaded_tokenizer = load_teacher(str(teacher), None)
         tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer

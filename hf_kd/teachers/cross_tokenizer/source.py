@@ -1,4 +1,4 @@
-"""The trainer's side of cross-tokenizer distillation: checks, the collator, one loss computation, re-alignment.
+"""The trainer's side of cross-tokenizer distillation: checks, the collator, the teacher source, re-alignment.
 
 :class:`hf_kd.DistillationTrainer` calls these when ``args.cross_tokenizer`` is on; they read the config's fields
 with ``getattr`` defaults (``uld_weight``, ``teacher_prompt_template``, ``teacher_max_length``,
@@ -13,9 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from hf_kd.cross_inputs import CrossTokenizerAligner, CrossTokenizerCollator, split_inputs
-from hf_kd.cross_tokenizer import CrossTokenizerLossOutput, VocabularyMap, cross_tokenizer_loss
-from hf_kd.losses import IGNORE_INDEX
+from hf_kd.losses import IGNORE_INDEX, AlignedRows
+from hf_kd.teachers.cross_tokenizer.inputs import CrossTokenizerAligner, CrossTokenizerCollator, split_inputs
+from hf_kd.teachers.cross_tokenizer.vocabulary import VocabularyMap
+from hf_kd.teachers.live import TeacherPass
 
 
 def check_cross_tokenizer(
@@ -59,48 +60,30 @@ def student_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
     return split_inputs(inputs)[0] if "alignment_batch_index" in inputs else inputs
 
 
-def cross_tokenizer_step(
-    model: nn.Module,
-    teacher: nn.Module,
-    inputs: dict[str, Any],
-    *,
-    vocab_map: VocabularyMap,
-    args: Any,
-    is_encoder_decoder: bool,
-    num_items_in_batch: int | torch.Tensor | None = None,
-) -> tuple[CrossTokenizerLossOutput, Any]:
-    """Run the student and the teacher on their own inputs of a collated cross-tokenizer batch; the loss.
+class CrossTokenizerTeacher:
+    """A causal teacher with its own tokenizer as a teacher source: it reads its own tokens of the batch (put
+    there by :class:`CrossTokenizerCollator`), and its rows are :class:`~hf_kd.losses.AlignedRows`."""
 
-    Returns ``(result, student_outputs)``. For an encoder-decoder student, ``model.prepare_decoder_input_ids_from
-    _labels`` makes the decoder inputs (``model`` may be wrapped: the unwrapped module is found via ``.module``).
-    """
-    student_batch, teacher_batch, alignment = split_inputs(inputs)
-    labels = student_batch.pop("labels")
-    if is_encoder_decoder and "decoder_input_ids" not in student_batch:
-        module = getattr(model, "module", model)
-        student_batch["decoder_input_ids"] = module.prepare_decoder_input_ids_from_labels(labels=labels)
-    outputs = model(**student_batch, use_cache=False)
-    with torch.no_grad():
-        teacher_logits = teacher(**teacher_batch, use_cache=False).logits
-    logits, targets = outputs.logits, labels
-    if not is_encoder_decoder:
-        logits, targets = logits[:, :-1], labels[:, 1:]
-    result = cross_tokenizer_loss(
-        logits,
-        teacher_logits,
-        alignment,
-        vocab_map=vocab_map,
-        labels=targets,
-        loss=args.loss,
-        temperature=args.temperature,
-        alpha=args.alpha,
-        beta=args.beta,
-        skew=args.skew,
-        uld_weight=getattr(args, "uld_weight", 1.0),
-        num_items_in_batch=num_items_in_batch,
-        chunk_size=getattr(args, "loss_chunk_size", None),
-    )
-    return result, outputs
+    def __init__(self, model: nn.Module, vocab_map: VocabularyMap) -> None:
+        self.model = model
+        self.vocab_map = vocab_map
+
+    def student_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        return student_inputs(inputs)
+
+    def rows(
+        self,
+        inputs: dict[str, Any],
+        student_inputs: dict[str, Any],
+        labels: torch.Tensor,
+        student_outputs: Any,
+        with_outputs: bool = False,
+    ) -> TeacherPass:
+        del student_inputs, labels, student_outputs, with_outputs  # the teacher reads its own tokens
+        _, teacher_batch, alignment = split_inputs(inputs)
+        with torch.no_grad():
+            logits = self.model(**teacher_batch, use_cache=False).logits
+        return TeacherPass(AlignedRows(logits, alignment, self.vocab_map))
 
 
 def realign(batch: dict[str, torch.Tensor], aligner: CrossTokenizerAligner, is_encoder_decoder: bool) -> dict:

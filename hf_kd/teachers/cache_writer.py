@@ -11,11 +11,11 @@ them) the cache row of an example holds, flattened in target order:
 * with ``tail_samples = m > 0`` also ``tail_ids``: ``m`` tokens drawn from the teacher's tail (its distribution
   outside the top-k, renormalised; systematic sampling, seeded, so a resumed run draws the same), and
   ``tail_plogp``: the tail's ``sum p log p`` (float32). They make the unbiased ``"sampled"`` tail treatment of
-  :mod:`hf_kd.sparse` possible, for 2 bytes per sample.
+  :mod:`hf_kd.losses.topk` possible, for 2 bytes per sample.
 
-The cache is a sharded, resumable :mod:`hf_kd.shards` folder; its fingerprint names the teacher (config and
+The cache is a sharded, resumable :mod:`hf_kd.teachers.shards` folder; its fingerprint names the teacher (config and
 weights hashes), the tokenizer (vocabulary hash), the data set (content hash of the columns the teacher
-reads), ``k``, the temperature and the vocabulary size. :class:`hf_kd.cached_teacher.CachedTeacher` reads it.
+reads), ``k``, the temperature and the vocabulary size. :class:`hf_kd.teachers.cache.CachedTeacher` reads it.
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ from datasets import Dataset, DatasetInfo, Features, Sequence, Value
 from datasets.table import InMemoryTable
 from torch import nn
 
+from hf_kd.errors import ConfigError
 from hf_kd.losses import IGNORE_INDEX, MIN_LOG_PROB, log_probs
-from hf_kd.recipe_args import ConfigError
-from hf_kd.shards import data_files, load_sharded, shard_dir, write_sharded
+from hf_kd.teachers.shards import data_files, load_sharded, shard_dir, write_sharded
 
 CACHE_KIND = "hf-kd-teacher-topk-cache"
 COMMAND = "`hf-kd cache-teacher`"
@@ -352,11 +352,11 @@ def build_teacher_cache(
     ``tokenizer`` fixes the vocabulary size (the logits are cut to ``len(tokenizer)``, as the trainer cuts them
     to the shared vocabulary) and is fingerprinted; ``temperature`` is baked into the stored log-probabilities.
     ``tail_samples`` tokens per target are also drawn from the teacher's tail (``seed`` seeds them), for the
-    unbiased ``"sampled"`` tail treatment of :mod:`hf_kd.sparse`.
+    unbiased ``"sampled"`` tail treatment of :mod:`hf_kd.losses.topk`.
 
     Run again on a finished or interrupted cache, it first verifies the shards written so far and computes the
     missing or corrupt ones again (``on_rebuild(index, problem)`` is told of each). Bad arguments or data raise
-    :class:`~hf_kd.recipe_args.ConfigError`; see :func:`hf_kd.shards.write_sharded` for ``overwrite``.
+    :class:`~hf_kd.recipe.args.ConfigError`; see :func:`hf_kd.teachers.shards.write_sharded` for ``overwrite``.
     """
     is_ed = bool(getattr(teacher.config, "is_encoder_decoder", False))
     check_tokenised(dataset, "the data set", is_encoder_decoder=is_ed)
@@ -503,7 +503,7 @@ def load_tokenised(path: str, split: str | None) -> Dataset:
 def _load_teacher_for_cli(args: argparse.Namespace) -> tuple[nn.Module, Any]:
     from safetensors import SafetensorError
 
-    from hf_kd.teacher import load_teacher
+    from hf_kd.teachers.loading import load_teacher
 
     folder = Path(args.teacher)
     if folder.is_dir() and not any(folder.glob("*.safetensors")) and any(folder.glob("pytorch_model*.bin")):
@@ -536,7 +536,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spi
 def _load_tokenizer_for_cli(name: str, trust_remote_code: bool, option: str = "--tokenizer") -> Any:
     from transformers import AutoTokenizer
 
-    from hf_kd.teacher import has_vocabulary
+    from hf_kd.teachers.loading import has_vocabulary
 
     if not Path(name).exists() and _looks_local(name):
         raise ConfigError(

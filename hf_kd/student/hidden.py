@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hf_kd.losses import IGNORE_INDEX
-from hf_kd.student import CONFIG_ATTRIBUTE
+from hf_kd.student.make import CONFIG_ATTRIBUTE
 
 HIDDEN_LOSSES = ("mse", "cosine")
 PROJECTION_FILE = "hidden_projection.safetensors"

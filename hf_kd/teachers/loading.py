@@ -12,11 +12,9 @@ from accelerate.utils import DistributedType
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+from hf_kd.errors import TokenizerMismatchError
+
 logger = logging.getLogger(__name__)
-
-
-class TokenizerMismatchError(ValueError):
-    """Teacher and student tokenizers map tokens to different ids, so their distributions cannot be compared."""
 
 
 def load_teacher(name_or_path: str, args: Any) -> tuple[nn.Module, Any]:

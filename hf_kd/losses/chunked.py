@@ -10,8 +10,8 @@ intermediates are freed before the next chunk; backward only scales the buffer. 
 With :func:`fused_distillation_loss` the student's logits are not an input at all: the output layer is applied
 to one chunk of hidden states at a time and its gradients (hidden states, weight, bias) accumulate per chunk.
 
-Both take either the teacher's logits or a top-k cache's rows (:class:`hf_kd.sparse.TopKRows`); only the
-per-chunk math differs (:func:`hf_kd.sparse.topk_chunk_loss`), the chunking and bookkeeping are shared.
+Both take either the teacher's logits or a top-k cache's rows (:class:`hf_kd.losses.topk.TopKRows`); only the
+per-chunk math differs (:func:`hf_kd.losses.topk.topk_chunk_loss`), the chunking and bookkeeping are shared.
 """
 
 from __future__ import annotations
@@ -22,32 +22,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from hf_kd.losses import (
-    IGNORE_INDEX,
-    MIN_LOG_PROB,
-    DistillationLossOutput,
-    forward_kl,
-    get_divergence,
-    log_probs,
-    mix_terms,
-)
-from hf_kd.sparse import TopKRows, check_rows, check_tail_treatment, topk_chunk_loss
-
-DEFAULT_CHUNK_SIZE = 1024
-
-
-@dataclass(frozen=True)
-class OutputLayer:
-    """What a model does to its last hidden state to get logits: ``linear(h * scale, weight) + bias``.
-
-    ``bias`` is added after the projection, as BART adds its ``final_logits_bias``; ``scale`` is T5's
-    ``d_model ** -0.5`` when its embeddings are tied. Only the first ``vocab_size`` rows of ``weight`` (and
-    entries of ``bias``) are used: output layers are often wider than the vocabulary.
-    """
-
-    weight: torch.Tensor
-    bias: torch.Tensor | None = None
-    scale: float = 1.0
+from hf_kd.losses.base import DEFAULT_CHUNK_SIZE, IGNORE_INDEX, DistillationLossOutput, mix_terms, normalizer
+from hf_kd.losses.divergences import MIN_LOG_PROB, forward_kl, get_divergence, log_probs
+from hf_kd.losses.output_layer import OutputLayer
+from hf_kd.losses.topk import TopKRows, check_rows, check_tail_treatment, topk_chunk_loss
 
 
 @dataclass(frozen=True)
@@ -313,12 +291,11 @@ def _run(
         check_rows(teacher_logits, target_ids)
     else:
         _check_teacher(teacher_logits, num_tokens, labels.numel(), vocab)
-    normalizer = num_items_in_batch if num_items_in_batch is not None else max(num_tokens, 1)
     settings = _Settings(
         divergence=get_divergence(loss, beta=beta, skew=skew),
         temperature=temperature,
         alpha=alpha,
-        normalizer=float(normalizer),
+        normalizer=float(normalizer(num_items_in_batch, num_tokens)),
         chunk_size=chunk_size or DEFAULT_CHUNK_SIZE,
         vocab_size=vocab,
         scale=layer.scale if layer is not None else 1.0,
@@ -350,7 +327,7 @@ def chunked_distillation_loss(
     Arguments are those of :func:`hf_kd.losses.distillation_loss`, with two additions that spare copies of
     the logits: ``teacher_logits`` may be only the target rows, ``[num_targets, vocab]`` in the order of the
     flattened labels (the trainer keeps no more of the teacher) or a top-k cache's
-    :class:`~hf_kd.sparse.TopKRows`, and ``vocab_size`` uses only the first columns of a wider
+    :class:`~hf_kd.losses.topk.TopKRows`, and ``vocab_size`` uses only the first columns of a wider
     ``student_logits`` without slicing it. The gradient with respect to ``student_logits``
     is formed during the forward pass (one buffer in the logits' dtype); backward scales it.
     """
@@ -390,7 +367,7 @@ def fused_distillation_loss(
     Args:
         hidden_states: ``[..., hidden]`` last hidden states; position ``i`` predicts ``labels[..., i]``.
         output_layer: the student's projection to logits, see :class:`OutputLayer` and
-            :func:`hf_kd.output_layer.output_layer`.
+            :func:`hf_kd.losses.output_layer.output_layer`.
         teacher_logits: ``[..., vocab_size]`` aligned with ``labels``, or only the target rows.
         labels: target ids, :data:`~hf_kd.losses.IGNORE_INDEX` where there is no target.
         vocab_size: how many leading output columns to use (the whole output layer when ``None``).

@@ -11,13 +11,13 @@ teacher can take the student's encoder outputs instead of running its own encode
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hf_kd.losses import IGNORE_INDEX
+from hf_kd.losses import IGNORE_INDEX, TeacherRows
 
 try:  # Transformers >= 5: boolean logits_to_keep masks are understood by (almost) every causal LM
     from transformers.modeling_utils import slice_logits_to_keep as _slice_logits_to_keep  # noqa: F401
@@ -49,7 +49,7 @@ def target_logits(
         is_encoder_decoder: whether logits line up with ``targets`` directly (else position ``i`` predicts
             ``targets[:, i]`` for ``i < seq - 1``).
 
-    Rows come in the order of ``targets.reshape(-1)``, as :func:`hf_kd.chunked.chunked_distillation_loss`
+    Rows come in the order of ``targets.reshape(-1)``, as :func:`hf_kd.losses.chunked.chunked_distillation_loss`
     expects. The result is an inference tensor: read it, never write to it or save it for backward.
     """
     mask = targets.ne(IGNORE_INDEX)
@@ -101,3 +101,57 @@ def check_shared_encoder(student: nn.Module, teacher: nn.Module) -> None:
             "differ), so the teacher would see different encoder outputs. Copy the teacher's encoder into the "
             "student, or turn the option off."
         )
+
+
+class TeacherPass(NamedTuple):
+    """A teacher source's answer for one batch: the rows the loss reads, and (only when asked for, for the
+    hidden-state term) the teacher's full outputs."""
+
+    rows: TeacherRows
+    outputs: Any = None
+
+
+class LiveTeacher:
+    """A teacher model (or a :class:`~hf_kd.teachers.ensemble.TeacherEnsemble`) run on the student's inputs:
+    dense rows at the target positions.
+
+    Args:
+        model: the frozen teacher, prepared on the student's device.
+        vocab_size: the columns shared with the student.
+        reuse_student_encoder: take the student's encoder outputs instead of running the teacher's encoder
+            (checked by :func:`check_shared_encoder` before this is built).
+    """
+
+    def __init__(self, model: nn.Module, vocab_size: int, reuse_student_encoder: bool = False) -> None:
+        self.model = model
+        self.vocab_size = vocab_size
+        self.reuse_student_encoder = reuse_student_encoder
+        self.is_encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+    def student_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        return inputs
+
+    def rows(
+        self,
+        inputs: dict[str, Any],
+        student_inputs: dict[str, Any],
+        labels: torch.Tensor,
+        student_outputs: Any,
+        with_outputs: bool = False,
+    ) -> TeacherPass:
+        """The teacher's rows where ``labels`` (aligned with the output positions) are targets."""
+        del inputs  # the teacher reads what the student reads
+        teacher_inputs = student_inputs
+        if self.reuse_student_encoder:
+            encoder_states = student_outputs.encoder_last_hidden_state.to(next(self.model.parameters()).dtype)
+            teacher_inputs = {**student_inputs, "encoder_outputs": (encoder_states,)}
+        # target_logits takes the labels as the logits of a causal model read them: shifted, one position shorter.
+        targets = labels if self.is_encoder_decoder else labels[:, :-1]
+        if not with_outputs:
+            # Inference mode, the teacher's dtype, and only the target rows kept (or computed at all).
+            rows = target_logits(self.model, teacher_inputs, targets, self.vocab_size, self.is_encoder_decoder)
+            return TeacherPass(rows)
+        # The hidden-state term keeps the teacher's states in the student's graph: no inference mode for them.
+        with torch.no_grad():
+            outputs = self.model(**{**teacher_inputs, "output_hidden_states": True})
+        return TeacherPass(rows_at_targets(outputs.logits, targets, self.vocab_size, self.is_encoder_decoder), outputs)

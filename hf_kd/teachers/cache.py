@@ -1,8 +1,8 @@
 """Training from a teacher cache: load and validate it, join it to the training rows, collate it, score with it.
 
-A cache written by :func:`hf_kd.cache.build_teacher_cache` has one row per training example. ``attach`` checks
-that the training data set is the one the cache was made for and adds the cache's columns to it (prefixed
-``teacher_``), so that shuffling, sampling and sharding the data set keep each example with its cache row;
+A cache written by :func:`hf_kd.teachers.cache_writer.build_teacher_cache` has one row per training example.
+``attach`` checks that the training data set is the one the cache was made for and adds the cache's columns to it
+(prefixed ``teacher_``), so that shuffling, sampling and sharding the data set keep each example with its cache row;
 :class:`CacheCollator` takes those columns out of the features, runs the ordinary collator on the rest and
 adds ``batch["teacher_cache"]``, which ``Trainer._prepare_inputs`` moves to the device like any tensor dict.
 """
@@ -18,11 +18,12 @@ import numpy as np
 import torch
 from datasets import Dataset, concatenate_datasets
 
-from hf_kd.cache import CACHE_KIND, COMMAND, dataset_hash, tokenizer_hash
+from hf_kd.errors import ConfigError
 from hf_kd.losses import DistillationLossOutput
-from hf_kd.recipe_args import ConfigError
-from hf_kd.shards import ShardError, load_sharded
-from hf_kd.sparse import check_tail_treatment, sparse_distillation_loss
+from hf_kd.losses.topk import TopKRows, check_tail_treatment, sparse_distillation_loss
+from hf_kd.teachers.cache_writer import CACHE_KIND, COMMAND, dataset_hash, tokenizer_hash
+from hf_kd.teachers.live import TeacherPass
+from hf_kd.teachers.shards import ShardError, load_sharded
 
 PREFIX = "teacher_"
 CACHE_FIELDS = ("target_ids", "topk_ids", "topk_logprobs", "tail_logmass")
@@ -38,12 +39,12 @@ def cache_fields(tail_samples: int) -> tuple[str, ...]:
 
 class CacheMismatchError(ConfigError):
     """The cache was made for another tokenizer, data set or temperature than the training run uses (a
-    :class:`~hf_kd.recipe_args.ConfigError`: ``hf-kd distill`` prints it as one line)."""
+    :class:`~hf_kd.recipe.args.ConfigError`: ``hf-kd distill`` prints it as one line)."""
 
 
 class CachedTeacher:
     """A finished top-k teacher cache, checked on load (missing shards, row counts, checksums): a bad one raises
-    :class:`hf_kd.shards.ShardError`, whose one-line message names the fix.
+    :class:`hf_kd.teachers.shards.ShardError`, whose one-line message names the fix.
 
     Args:
         path: the cache folder.
@@ -151,7 +152,7 @@ class CachedTeacher:
     def loss(
         self, student_logits: torch.Tensor, cache_batch: dict[str, torch.Tensor], labels: torch.Tensor, **kwargs: Any
     ) -> DistillationLossOutput:
-        """:func:`hf_kd.sparse.sparse_distillation_loss` after checking the temperature and vocabulary."""
+        """:func:`hf_kd.losses.topk.sparse_distillation_loss` after checking the temperature and vocabulary."""
         self.check_temperature(kwargs.get("temperature", 1.0))
         if student_logits.shape[-1] != self.vocab_size:
             raise CacheMismatchError(
@@ -159,6 +160,34 @@ class CachedTeacher:
                 f"({self.vocab_size})."
             )
         return sparse_distillation_loss(student_logits, cache_batch, labels, **kwargs)
+
+    def source(self, tail_treatment: str) -> CacheRows:
+        """This cache as the trainer's teacher source, its tail read as ``tail_treatment`` (see
+        :meth:`tail_treatment`)."""
+        return CacheRows(tail_treatment)
+
+
+class CacheRows:
+    """A teacher cache as a teacher source: the batch's cached top-k rows, or ``None`` for rows without a cache
+    (an evaluation set), which the loss scores by cross-entropy alone."""
+
+    def __init__(self, tail_treatment: str) -> None:
+        self.tail_treatment = tail_treatment
+
+    def student_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in inputs.items() if k != BATCH_KEY}
+
+    def rows(
+        self,
+        inputs: dict[str, Any],
+        student_inputs: dict[str, Any],
+        labels: torch.Tensor,
+        student_outputs: Any,
+        with_outputs: bool = False,
+    ) -> TeacherPass:
+        del student_inputs, labels, student_outputs, with_outputs  # the rows were computed ahead of training
+        rows = inputs.get(BATCH_KEY)
+        return TeacherPass(TopKRows.from_batch(rows, self.tail_treatment) if rows is not None else None)
 
 
 def _present(dataset: Dataset, columns: tuple[str, ...]) -> list[str]:

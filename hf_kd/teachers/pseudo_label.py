@@ -1,7 +1,7 @@
 """`hf-kd pseudo-label`: sequence-level KD data, the teacher's own outputs as training targets (Kim & Rush 2016).
 
 The teacher generates (greedy or beam search, batched) a target for every source text of a data set; the
-outputs are written in resumable shards (:mod:`hf_kd.shards`) with their agreement with the reference target
+outputs are written in resumable shards (:mod:`hf_kd.teachers.shards`) with their agreement with the reference target
 (ROUGE-L F1 and word error rate), and then assembled into a data set the recipes train on, whose
 ``target_column`` holds:
 
@@ -28,7 +28,9 @@ import torch
 from datasets import Dataset, Features, Value, concatenate_datasets
 from torch import nn
 
-from hf_kd.cache import (
+from hf_kd.errors import ConfigError
+from hf_kd.metrics import rouge
+from hf_kd.teachers.cache_writer import (
     add_teacher_runtime_options,
     config_hash,
     dataset_hash,
@@ -40,9 +42,7 @@ from hf_kd.cache import (
     tokenizer_hash,
     weights_hash,
 )
-from hf_kd.metrics import rouge
-from hf_kd.recipe_args import ConfigError
-from hf_kd.shards import ShardError, load_sharded, write_sharded
+from hf_kd.teachers.shards import ShardError, load_sharded, write_sharded
 
 PSEUDO_KIND = "hf-kd-pseudo-labels"
 COMMAND = "`hf-kd pseudo-label`"
@@ -134,7 +134,7 @@ def generate_pseudo_labels(
     equals an uninterrupted one. Read the result with :func:`assemble`. A run on an existing output first
     verifies its shards and generates the missing or corrupt ones again (``on_rebuild(index, problem)``);
     ``overwrite`` replaces an output made with other settings (its manifest, shards and ``dataset``, nothing
-    else). Bad arguments or data raise :class:`~hf_kd.recipe_args.ConfigError`.
+    else). Bad arguments or data raise :class:`~hf_kd.recipe.args.ConfigError`.
     """
     check_text_dataset(dataset, "the data set", source_column, target_column)
     for name, value in (("max_source_length", max_source_length), ("max_new_tokens", max_new_tokens),

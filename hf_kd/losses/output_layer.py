@@ -13,15 +13,29 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from hf_kd.chunked import OutputLayer
-
 # Config fields of models whose forward changes the logits after the output layer (Gemma 2/3, Cohere, Granite).
 _LOGIT_MODIFIERS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier")
+
+
+@dataclass(frozen=True)
+class OutputLayer:
+    """What a model does to its last hidden state to get logits: ``linear(h * scale, weight) + bias``.
+
+    ``bias`` is added after the projection, as BART adds its ``final_logits_bias``; ``scale`` is T5's
+    ``d_model ** -0.5`` when its embeddings are tied. Only the first ``vocab_size`` rows of ``weight`` (and
+    entries of ``bias``) are used: output layers are often wider than the vocabulary.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    scale: float = 1.0
+
 
 
 class UnfusableModelError(ValueError):

@@ -30,7 +30,7 @@ from transformers import (
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, get_last_checkpoint
 
 from hf_kd.config import DistillationConfig
-from hf_kd.recipe_args import (
+from hf_kd.recipe.args import (
     STDLIB_DOCSTRINGS,
     ConfigError,
     DataArguments,
@@ -41,8 +41,8 @@ from hf_kd.recipe_args import (
     parse_recipe_config,
     recipe_parser,
 )
-from hf_kd.recipe_data import check_columns, load_raw_datasets, select_splits, tokenize_causal, tokenize_seq2seq
-from hf_kd.teacher import has_vocabulary
+from hf_kd.recipe.data import check_columns, load_raw_datasets, select_splits, tokenize_causal, tokenize_seq2seq
+from hf_kd.teachers.loading import has_vocabulary
 from hf_kd.trainer import DistillationTrainer
 
 logger = logging.getLogger(__name__)
@@ -366,7 +366,7 @@ def _final_eval_metrics(trainer: DistillationTrainer) -> dict[str, float] | None
 DESCRIPTION = (
     "Distill a teacher into a student with the settings of a recipe config (YAML). Any key of the config can be "
     "overridden on the command line with --key value (values are read as YAML: 2, 5e-5, true, null, "
-    "'{\"a\": 1}'). Keys: the student/data options of hf_kd.recipe_args plus every hf_kd.DistillationConfig / "
+    "'{\"a\": 1}'). Keys: the student/data options of hf_kd.recipe.args plus every hf_kd.DistillationConfig / "
     "Seq2SeqTrainingArguments field; see docs/recipes.md."
 )
 EPILOG = (
@@ -404,7 +404,7 @@ def _take_unknown_options_as_overrides(parser: argparse.ArgumentParser) -> None:
     """Keep the options argparse does not know as ``args.overrides`` instead of failing on them.
 
     The overridable keys are the hundred-odd fields of the recipe dataclasses; they are checked (names and
-    types) by :func:`hf_kd.recipe_args.check_values`, which gives better errors than argparse would.
+    types) by :func:`hf_kd.recipe.args.check_values`, which gives better errors than argparse would.
     """
     parse_known_args = parser.parse_known_args
 

@@ -4,7 +4,7 @@
 builds the student's batch (``input_ids``, ``attention_mask``, ``labels``) and the teacher's (``input_ids``,
 ``attention_mask``), and a :class:`TokenAlignment`: for each student target position whose context ends at a
 character position where the teacher's tokens also end, the teacher position with that same context (see
-:func:`hf_kd.alignment.boundaries`). Two layouts:
+:func:`hf_kd.teachers.cross_tokenizer.alignment.boundaries`). Two layouts:
 
 - causal (:meth:`CrossTokenizerAligner.causal`): both models read the text; the student learns every token;
 - seq2seq (:meth:`CrossTokenizerAligner.seq2seq`): an encoder-decoder student reads ``source`` and predicts
@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from hf_kd.alignment import boundaries, shared_boundaries
-from hf_kd.cross_tokenizer import adds_prefix_space
 from hf_kd.losses import IGNORE_INDEX
+from hf_kd.teachers.cross_tokenizer.alignment import boundaries, shared_boundaries
+from hf_kd.teachers.cross_tokenizer.vocabulary import adds_prefix_space
 
 TEACHER_PREFIX = "teacher_"
 ALIGNMENT_KEYS = ("alignment_batch_index", "alignment_student_index", "alignment_teacher_index")

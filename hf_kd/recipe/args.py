@@ -26,12 +26,9 @@ from safetensors import safe_open
 from transformers import HfArgumentParser
 
 from hf_kd.config import DistillationConfig
+from hf_kd.errors import ConfigError
 
 STDLIB_DOCSTRINGS = "hf_kd/stdlib_docstrings"
-
-
-class ConfigError(ValueError):
-    """A recipe config (or the command line) names something that does not exist or has the wrong type."""
 
 
 @dataclass

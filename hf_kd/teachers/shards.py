@@ -33,7 +33,7 @@ from typing import Any
 from datasets import Dataset, concatenate_datasets, load_from_disk
 from tqdm.auto import tqdm
 
-from hf_kd.recipe_args import ConfigError
+from hf_kd.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ MANIFEST_KEYS = ("fingerprint", "num_rows", "shard_size", "num_shards", "shards"
 
 class ShardError(ConfigError):
     """A sharded output is incomplete, corrupt, or was made from other inputs. Its message is one line naming the
-    fix; as a :class:`~hf_kd.recipe_args.ConfigError`, ``hf-kd distill`` and the commands print it without a
+    fix; as a :class:`~hf_kd.recipe.args.ConfigError`, ``hf-kd distill`` and the commands print it without a
     traceback."""
 
 

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hf_kd.recipe_args import ConfigError, check_model_folder, check_source_path, holds_model
-from hf_kd.student import make_student
+from hf_kd.recipe.args import ConfigError, check_model_folder, check_source_path, holds_model
+from hf_kd.student.make import make_student
 
 
 def _layer_list(text: str) -> list[int]:
@@ -80,7 +80,7 @@ def check_paths(args: argparse.Namespace) -> None:
     folder that already holds a model."""
     check_source_path("teacher", args.teacher)
     check_source_path("--tokenizer", args.tokenizer)
-    check_model_folder("teacher", args.teacher, safetensors_only=True)  # hf_kd.teacher.load_teacher's rule
+    check_model_folder("teacher", args.teacher, safetensors_only=True)  # hf_kd.teachers.loading.load_teacher's rule
     out = Path(args.output_dir).resolve()
     for key, source in (("the teacher", args.teacher), ("--tokenizer", args.tokenizer)):
         if source and Path(source).is_dir() and Path(source).resolve() == out:

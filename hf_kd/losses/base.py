@@ -1,0 +1,123 @@
+"""What every loss path shares: the settings, the output, and the one place where the terms are mixed.
+
+``alpha * CE + (1 - alpha) * T**2 * D``, summed over target tokens and divided by one normaliser: the dense
+reference, the top-k rows, the chunk engine and the cross-tokenizer loss all end in :func:`mix_terms` and
+:func:`normalizer` (the chunk engine per chunk, the others once), and all return a
+:class:`DistillationLossOutput`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from hf_kd.losses.divergences import get_divergence
+
+IGNORE_INDEX = -100
+"""The label of positions that are not targets, as in Transformers."""
+
+DEFAULT_CHUNK_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """How the token-level loss is computed: the divergence, its parameters, the mix and the path.
+
+    ``chunk_size`` None computes the unchunked reference; ``fuse_output_layer`` applies the student's output
+    layer inside the chunked loss (training only). Built once from a :class:`hf_kd.DistillationConfig` with
+    :meth:`from_config`.
+    """
+
+    loss: str = "forward_kl"
+    temperature: float = 1.0
+    alpha: float = 0.5
+    beta: float = 0.5
+    skew: float = 0.1
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE
+    fuse_output_layer: bool = False
+    uld_weight: float = 1.0
+
+    @classmethod
+    def from_config(cls, args: Any) -> LossSettings:
+        return cls(
+            loss=args.loss,
+            temperature=args.temperature,
+            alpha=args.alpha,
+            beta=args.beta,
+            skew=args.skew,
+            chunk_size=args.loss_chunk_size,
+            fuse_output_layer=args.fuse_output_layer,
+            uld_weight=getattr(args, "uld_weight", 1.0),
+        )
+
+    @property
+    def divergence(self) -> Callable[..., torch.Tensor]:
+        return get_divergence(self.loss, beta=self.beta, skew=self.skew)
+
+    def keywords(self) -> dict[str, Any]:
+        """The keyword arguments of the public loss functions (``distillation_loss`` and its relatives)."""
+        return {"loss": self.loss, "temperature": self.temperature, "alpha": self.alpha, "beta": self.beta,
+                "skew": self.skew}  # fmt: skip
+
+
+@dataclass
+class DistillationLossOutput:
+    """The combined loss and the sums it was made of, kept for logging."""
+
+    loss: torch.Tensor
+    """alpha * CE + (1 - alpha) * temperature**2 * divergence, each summed over target tokens and divided by
+    the normalizer (``num_items_in_batch`` when given, else the number of target tokens)."""
+    kd_sum: torch.Tensor | None
+    """Divergence at the temperature, summed over target tokens (no temperature**2 factor), detached; None when
+    there was no teacher to compare with."""
+    ce_sum: torch.Tensor
+    """Cross-entropy of the student against the labels, summed over target tokens, detached."""
+    num_tokens: int
+    """How many target tokens the batch held."""
+    agreement: torch.Tensor | None
+    """How many target tokens have the same top-1 token under student and teacher, detached; None without a
+    teacher."""
+
+
+def mix_terms(ce: torch.Tensor, kd: torch.Tensor, alpha: float, temperature: float) -> torch.Tensor:
+    """``alpha * ce + (1 - alpha) * temperature**2 * kd``, a term whose weight is 0 left out.
+
+    Left out rather than multiplied by 0: an infinite CE (a target the student rules out with -inf) would
+    otherwise make an alpha = 0 loss NaN.
+    """
+    if alpha <= 0.0:
+        return temperature**2 * kd
+    if alpha >= 1.0:
+        return ce
+    return alpha * ce + (1.0 - alpha) * temperature**2 * kd
+
+
+def normalizer(num_items_in_batch: int | torch.Tensor | None, num_tokens: int) -> int | torch.Tensor:
+    """What the summed loss is divided by: the Trainer's count over accumulated micro-batches (and devices) when
+    it passes one, else this batch's target tokens (at least 1)."""
+    return num_items_in_batch if num_items_in_batch is not None else max(num_tokens, 1)
+
+
+def mixed_loss(
+    ce_sum: torch.Tensor,
+    kd_sum: torch.Tensor,
+    num_tokens: int,
+    alpha: float,
+    temperature: float,
+    num_items_in_batch: int | torch.Tensor | None,
+    anchor: torch.Tensor,
+) -> torch.Tensor:
+    """The loss from its two sums: mixed, divided by the :func:`normalizer`.
+
+    With no target token it is a zero tied to ``anchor`` (the student's graph), so that backward gives zero
+    gradients; not the quotient, which is 0 / 0 = NaN when ``num_items_in_batch`` counts no target either.
+    """
+    if num_tokens == 0:
+        return anchor.flatten()[:0].float().sum()
+    n = normalizer(num_items_in_batch, num_tokens)
+    if torch.is_tensor(n):
+        n = n.to(kd_sum.device)
+    return mix_terms(ce_sum, kd_sum, alpha, temperature) / n
