@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import resource
@@ -33,8 +32,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -48,6 +51,7 @@ SMOKE_WORKLOAD: dict[str, Any] = {"vocabs": [512, 2048], "tokens": [64, 256], "h
 # The correctness check before any timing: small, but several chunks and a vocabulary that is not a power of 2.
 CHECK = {"vocab": 1000, "tokens": 300, "hidden": 64, "chunk": 128}
 GIB = 2**30
+VERIFY = "verify"  # the worker key of the check
 
 # Peak memory above the inputs, in float32 arrays of V columns (measured on CPU at V = 32,000, N = 1,024 and 4,096):
 # the reference holds 8 [N, V] arrays at its peak (copies of the target rows, two log-softmaxes, the clamp, exp(p),
@@ -59,7 +63,7 @@ FUSED_CHUNK_ARRAYS = 4
 MARGIN = 1.15  # predictions are rounded up by this much, and a point must also fit in MemAvailable
 
 
-def _loss_functions():  # noqa: ANN202
+def _loss_functions() -> tuple[Callable[..., Any], ...]:
     """hf_kd's three loss paths, imported in one line so that a package move changes one line here."""
     from hf_kd.losses import OutputLayer, chunked_distillation_loss, distillation_loss, fused_distillation_loss
 
@@ -149,7 +153,7 @@ class Meter:
             torch.cuda.synchronize()
 
 
-def make_inputs(path: str, vocab: int, tokens: int, hidden: int, device: str, dtype) -> dict[str, Any]:  # noqa: ANN001
+def make_inputs(path: str, vocab: int, tokens: int, hidden: int, device: str, dtype: torch.dtype) -> dict[str, Any]:
     """Random inputs of one point, made on ``device`` directly (no host copy of a device tensor)."""
     import torch
 
@@ -165,13 +169,13 @@ def make_inputs(path: str, vocab: int, tokens: int, hidden: int, device: str, dt
     return inputs
 
 
-def loss_step(path: str, inputs: dict[str, Any], vocab: int, chunk: int):  # noqa: ANN201
+def loss_step(path: str, inputs: dict[str, Any], vocab: int, chunk: int) -> Callable[[], float]:
     """A closure running forward + backward of ``path`` on ``inputs``, then dropping the gradients."""
     reference, chunked, fused, output_layer = _loss_functions()
     labels, teacher = inputs["labels"], inputs["teacher"]
     params = [inputs["hidden"], inputs["weight"]] if path == "fused" else [inputs["logits"]]
 
-    def forward():  # noqa: ANN202
+    def forward() -> Any:
         if path == "reference":
             return reference(inputs["logits"], teacher, labels)
         if path == "chunked":
@@ -223,7 +227,7 @@ def worker(path: str, device: str, vocab: int, tokens: int, hidden: int, chunk: 
     }
 
 
-# ---- correctness check (in the main process) ---------------------------------------------------------------------
+# ---- correctness check (in a worker subprocess) ---------------------------------------------------------------------
 
 
 def verify(device: str, tolerance: float = 1e-4) -> dict[str, Any]:
@@ -272,7 +276,12 @@ def verify(device: str, tolerance: float = 1e-4) -> dict[str, Any]:
 # ---- orchestration -----------------------------------------------------------------------------------------------
 
 
-def _available_bytes() -> int:
+def _available_bytes(device: str) -> int:
+    """Memory free for a new point now: MemAvailable on CPU, the device's free memory on CUDA."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.mem_get_info()[0]
     with open("/proc/meminfo") as f:
         for line in f:
             if line.startswith("MemAvailable:"):
@@ -320,23 +329,32 @@ def plan_point(path: str, vocab: int, tokens: int, args: argparse.Namespace, w: 
     return record
 
 
-def run_points(records: dict[str, dict[str, Any]], args: argparse.Namespace, w: dict[str, Any]) -> None:
-    """Measure every planned point that was not skipped: one subprocess each (all in one with ``--smoke``)."""
+def run_points(report: dict[str, Any], args: argparse.Namespace, w: dict[str, Any]) -> None:
+    """The correctness check, then every planned point that was not skipped, each in a fresh subprocess.
+
+    With ``--smoke`` the check and all points share one subprocess (its figures are not results). The main
+    process never imports hf_kd: that import costs seconds, and memory, on every run.
+    """
+    records = report["points"]
     todo = [key for key, r in records.items() if "skipped" not in r]
-    for group in [todo] if args.smoke else [[key] for key in todo]:
-        available = _available_bytes() if args.device == "cpu" else math.inf
-        for key in list(group):
+    for group in [[VERIFY, *todo]] if args.smoke else [[VERIFY], *([key] for key in todo)]:
+        available = _available_bytes(args.device)
+        for key in [k for k in group if k != VERIFY]:
             needed = records[key]["predicted_peak_bytes"]
             if needed > available:  # other work on the machine holds memory now: never risk the OOM killer
                 records[key]["skipped"] = f"needs ~{needed / GIB:.1f} GiB, only {available / GIB:.1f} GiB available"
                 group.remove(key)
-        if not group:
-            continue
         print(f"{', '.join(group)} ...", end=" ", flush=True)
         load_before, start = os.getloadavg()[0], time.perf_counter()
         results = _spawn(group, args, w)
         extra = {"load_average_before": load_before, "load_average_after": os.getloadavg()[0]}
         extra["wall_s"] = time.perf_counter() - start
+        if VERIFY in results:
+            report["verification"] = check = results.pop(VERIFY)
+            print(f"loss {check['loss']}" if "loss" in check else "", end=" ")
+            if "error" in check:  # a wrong loss is not worth timing
+                print(f"\nloss_scaling.py: check failed: {check['error']}", file=sys.stderr)
+                sys.exit(1)
         for key, result in results.items():
             records[key].update(result, **extra)
         print(" ".join(_cell(r, "step_s_median") if "step_s_median" in r else r["error"] for r in results.values()))
@@ -418,16 +436,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def run_worker(args: argparse.Namespace) -> None:
+    """In the subprocess: the check and the points named by ``--worker``, a ``RESULT`` line each."""
+    for key in args.worker.split(","):
+        if key == VERIFY:
+            try:
+                result = verify(args.device)
+            except RuntimeError as e:
+                print("RESULT " + json.dumps({"key": key, "error": str(e)}), flush=True)
+                sys.exit(1)  # and measure nothing after a failed check
+        else:
+            vocab, tokens, path = key.split("/")
+            result = worker(path, args.device, int(vocab), int(tokens), args.hidden, args.chunk, args.steps)
+        print("RESULT " + json.dumps({"key": key, **result}), flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)
     if args.worker:
-        for key in args.worker.split(","):
-            vocab, tokens, path = key.split("/")
-            result = worker(path, args.device, int(vocab), int(tokens), args.hidden, args.chunk, args.steps)
-            print("RESULT " + json.dumps({"key": key, **result}), flush=True)
+        run_worker(args)
         return
     if args.device == "cuda" and not torch.cuda.is_available():
         _fail("--device cuda: no CUDA device here; run on a GPU machine or use --device cpu.")
@@ -452,15 +482,13 @@ def main(argv: list[str] | None = None) -> None:
             "max_gib": args.max_gib,
             "input_dtype": "bfloat16" if args.device == "cuda" else "float32",
         },
-        "verification": verify(args.device),
         "points": {},
     }
-    print(f"verified: {report['verification']['loss']}", flush=True)
     for vocab in w["vocabs"]:
         for tokens in w["tokens"]:
             for path in paths:
                 report["points"][point_key(vocab, tokens, path)] = plan_point(path, vocab, tokens, args, w)
-    run_points(report["points"], args, w)
+    run_points(report, args, w)
     report["environment"]["load_average_after"] = os.getloadavg()
     report["wall_s"] = time.perf_counter() - started
     write_outputs(report, out)
@@ -489,8 +517,8 @@ def _cell(r: dict[str, Any], key: str) -> str:
     if key in r:
         mib = r[key] / 2**20
         return f"{r[key]:.3g}" if key == "step_s_median" else f"{mib:,.0f}" if mib >= 10 else f"{mib:.1f}"
-    if "skipped" in r:
-        return f"skipped (~{r['predicted_peak_bytes'] / GIB:.0f} GiB)"
+    if "skipped" in r:  # the time column says so, the memory column says what it would have needed
+        return "skipped" if key == "step_s_median" else f"needs ~{r['predicted_peak_bytes'] / GIB:.0f} GiB"
     return "error" if "error" in r else "-"
 
 
@@ -570,10 +598,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
 
     w = report["workload"]
     colors = {"reference": "tab:red", "chunked": "tab:blue", "fused": "tab:green"}
-    styles = ["-", "--", ":", "-."]
+    styles = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")]  # per N: line style and marker
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     panels = [
         ("loss_peak_bytes", 2**20, "peak loss memory above inputs (MiB)"),
@@ -586,18 +615,15 @@ def plot(report: dict[str, Any], path: Path) -> None:
                 pts = [(v, y / scale) for v, y in pts if y is not None and y > 0]
                 if pts:
                     xs, ys = zip(*pts, strict=True)
-                    ax.plot(
-                        xs,
-                        ys,
-                        styles[i % len(styles)],
-                        marker="o",
-                        color=colors[path_name],
-                        label=f"{path_name}, N={tokens:,}",
-                    )
+                    line, marker = styles[i % len(styles)]
+                    ax.plot(xs, ys, line, marker=marker, color=colors[path_name], label=f"{path_name}, N={tokens:,}")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xticks(w["vocabs"], [f"{v:,}" for v in w["vocabs"]])
-        ax.minorticks_off()
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:,.0f}" if y >= 10 else f"{y:g}"))
+        ax.yaxis.set_minor_locator(NullLocator())
         ax.set_xlabel("vocabulary size V")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)

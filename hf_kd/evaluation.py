@@ -1,31 +1,32 @@
 """`hf-kd evaluate`: a saved student beside its teacher on the same data.
 
 For each model: parameter count, perplexity on the targets, ROUGE of greedy (or beam) generations for
-encoder-decoder models, and generation speed; the numbers come from :mod:`hf_kd.metrics`.
+encoder-decoder models, and generation speed; the numbers come from :mod:`hf_kd.metrics`. The functions take
+the command's options as one object (an ``argparse.Namespace`` from :mod:`hf_kd.cli.evaluate`, or any object
+with those attributes).
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import numbers
-import sys
-import textwrap
-from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import Dataset
-from huggingface_hub.utils import HFValidationError, validate_repo_id
-from safetensors import SafetensorError
-from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PretrainedConfig
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, PretrainedConfig
 
+from hf_kd.errors import check_model_folder, check_source_path, first_line
 from hf_kd.metrics import count_parameters, generation_speed, load_metric, perplexity
 from hf_kd.recipe.args import ConfigError, DataArguments, check_values, load_yaml_config
 from hf_kd.recipe.data import check_columns, load_raw_datasets, tokenize_causal, tokenize_seq2seq
-from hf_kd.recipe.run import _first_line, _load_config, task_of
-from hf_kd.teachers.loading import TokenizerMismatchError, check_same_tokenizer, has_vocabulary, load_saved_tokenizer
+from hf_kd.recipe.run import _load_config, load_weights, task_of
+from hf_kd.teachers.loading import (
+    TokenizerMismatchError,
+    check_same_tokenizer,
+    load_named_tokenizer,
+    load_saved_tokenizer,
+)
 
 # The DataArguments fields `evaluate` takes from the command line (the training-only ones are left out).
 DATA_OPTIONS = (
@@ -45,39 +46,14 @@ DATA_OPTIONS = (
 
 
 def load_model(key: str, name_or_path: str, dtype: str, device: str, trust_remote_code: bool = False) -> Any:
-    """A model with the Auto class its config asks for, in eval mode on ``device``; safetensors weights only."""
+    """A model with the Auto class its config asks for, in eval mode on ``device``; safetensors weights only
+    (:func:`_model_configs` has checked a local folder's weights with :func:`hf_kd.errors.check_model_folder`)."""
     config = _load_config(key, name_or_path, trust_remote_code, None)
     auto = AutoModelForSeq2SeqLM if task_of(config) == "seq2seq" else AutoModelForCausalLM
-    try:
-        model = auto.from_pretrained(
-            name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
-        )
-    except SafetensorError as err:
-        raise ConfigError(
-            f"{key}={name_or_path!r}: its safetensors weights cannot be read ({_first_line(err)}); the file is "
-            "incomplete or damaged: save or download the model again"
-        ) from None
-    except OSError as err:
-        if any(Path(name_or_path).glob("*.bin")):
-            raise ConfigError(
-                f"{key}={name_or_path!r} holds pickled PyTorch weights (*.bin) but no model.safetensors, and "
-                "hf-kd loads safetensors only (a pickle can run code when loaded); convert a model you trust with "
-                "from_pretrained(...).save_pretrained(...), which writes safetensors"
-            ) from None
-        raise ConfigError(f"{key}={name_or_path!r}: cannot load the weights ({_first_line(err)})") from None
+    model = load_weights(
+        key, name_or_path, auto, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+    )
     return model.to(device).eval()
-
-
-def check_path(key: str, name_or_path: str) -> None:
-    """Refuse a path that is neither on disk nor a possible Hub id (which transformers reports as a bad repo id)."""
-    if Path(name_or_path).exists():
-        return
-    try:
-        validate_repo_id(name_or_path)
-    except HFValidationError:
-        raise ConfigError(
-            f"{key}={name_or_path!r}: no such directory; give a folder saved with save_pretrained, or a Hub id"
-        ) from None
 
 
 _MISMATCH_FIX = (
@@ -97,7 +73,7 @@ def load_tokenizers(models: list[tuple[str, str, str]], named: tuple[str, str] |
         for role, _, path in models
         if role != "student" or named is None
     }
-    tokenizers = {"student": _load_named(*named, trust) if named else own["student"] or own.get("teacher")}
+    tokenizers = {"student": load_named_tokenizer(*named, trust) if named else own["student"] or own.get("teacher")}
     if tokenizers["student"] is None:
         raise ConfigError(
             f"--student={models[0][2]!r} has no tokenizer files (nor has a teacher); name one with --tokenizer"
@@ -112,17 +88,6 @@ def load_tokenizers(models: list[tuple[str, str, str]], named: tuple[str, str] |
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
     return tokenizers
-
-
-def _load_named(key: str, name_or_path: str, trust: bool) -> Any:
-    check_path(key, name_or_path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"{key}={name_or_path!r}: cannot load the tokenizer ({_first_line(err)})") from None
-    if not has_vocabulary(tokenizer):
-        raise ConfigError(f"{key}={name_or_path!r}: no tokenizer files there; name a folder saved with a tokenizer")
-    return tokenizer
 
 
 @torch.no_grad()
@@ -156,7 +121,7 @@ def evaluate_model(
     tokenizer: Any,
     raw: Dataset,
     data_args: DataArguments,
-    options: argparse.Namespace,
+    options: Any,
     metric: Any = None,
 ) -> dict[str, float]:
     """The numbers of one model on ``raw`` (the evaluation rows, untokenised).
@@ -209,12 +174,12 @@ def _load_metric(name_or_path: str) -> Any:
         return load_metric(name_or_path)
     except Exception as err:  # evaluate raises many kinds (missing file, failed import, Hub) for one cause
         raise ConfigError(
-            f"--metric {name_or_path!r} cannot be loaded ({_first_line(err)}); pass rouge (hf_kd's own ROUGE), "
+            f"--metric {name_or_path!r} cannot be loaded ({first_line(err)}); pass rouge (hf_kd's own ROUGE), "
             "a local evaluate metric folder or script, or a Hub metric name already in evaluate's cache"
         ) from None
 
 
-def _data_args(options: argparse.Namespace, recipe: dict[str, Any], split: str) -> DataArguments:
+def _data_args(options: Any, recipe: dict[str, Any], split: str) -> DataArguments:
     """Data settings from the recipe config, overridden by the ones given on the command line."""
     values = {k: v for k, v in recipe.items() if k in DATA_OPTIONS}
     given = {k: getattr(options, k) for k in DATA_OPTIONS if getattr(options, k) is not None}
@@ -235,7 +200,7 @@ def _data_args(options: argparse.Namespace, recipe: dict[str, Any], split: str) 
     return DataArguments(**values)
 
 
-def evaluate_pair(options: argparse.Namespace) -> dict[str, dict[str, float]]:
+def evaluate_pair(options: Any) -> dict[str, dict[str, float]]:
     """``{"student": {...}, "teacher": {...}}`` (teacher only when one is named), as the options say."""
     recipe = load_yaml_config(options.config) if options.config else {}
     if options.config:
@@ -272,7 +237,7 @@ def evaluate_pair(options: argparse.Namespace) -> dict[str, dict[str, float]]:
     return results
 
 
-def _named_tokenizer(options: argparse.Namespace, recipe: dict[str, Any]) -> tuple[str, str] | None:
+def _named_tokenizer(options: Any, recipe: dict[str, Any]) -> tuple[str, str] | None:
     if options.tokenizer:
         return "--tokenizer", options.tokenizer
     if recipe.get("tokenizer_name_or_path"):
@@ -284,7 +249,8 @@ def _model_configs(models: list[tuple[str, str, str]], trust: bool) -> dict[str,
     """Every model's config (so every model can be found, before any is loaded), all of the student's kind."""
     configs = {}
     for role, key, path in models:
-        check_path(key, path)
+        check_source_path(key, path)
+        check_model_folder(key, path, safetensors_only=True)
         configs[role] = _load_config(key, path, trust, None)
         found, task = task_of(configs[role]), task_of(configs["student"])
         if found != task:
@@ -312,100 +278,3 @@ def _fmt(value: float | None) -> str:
     if value is None:
         return ""
     return str(value) if isinstance(value, int) else f"{value:.4g}"
-
-
-# ---- the command line --------------------------------------------------------------------------------------
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register `hf-kd evaluate` on the `hf-kd` subparsers."""
-    parser = subparsers.add_parser(
-        "evaluate",
-        help="compare a saved student with its teacher: size, perplexity, ROUGE, generation speed",
-        description=textwrap.fill(
-            "Evaluate a saved student beside its teacher on the same rows: parameter count, perplexity on the "
-            "targets (the text, for causal models), --metric scores of the generations (ROUGE F-measures by "
-            "default; encoder-decoder models) and greedy generation speed (tokens/s, every row generating "
-            "exactly --max_new_tokens). "
-            "Data options default to those of --config, a recipe config.",
-            100,
-        ),
-        epilog=(
-            "examples:\n"
-            "  hf-kd evaluate --student out/t5-small-xsum --config recipes/configs/t5_large_to_t5_small_xsum.yaml\n"
-            "  hf-kd evaluate --student out/student --teacher gpt2-large --dataset_name Salesforce/wikitext \\\n"
-            "      --dataset_config_name wikitext-103-raw-v1 --split test --max_samples 200 --output eval.json"
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    models = parser.add_argument_group("models")
-    models.add_argument("--student", required=True, help="directory (or Hub id) of the distilled student")
-    models.add_argument("--teacher", help="the teacher (default: teacher_model_name_or_path of --config)")
-    models.add_argument("--config", metavar="FILE.yaml", help="recipe config to take the teacher and data from")
-    models.add_argument(
-        "--tokenizer",
-        metavar="DIR",
-        help="the student's tokenizer (default: tokenizer_name_or_path of --config, else the student's own, else the "
-        "teacher's)",
-    )
-    models.add_argument(
-        "--dtype",
-        default="float32",
-        choices=["float32", "bfloat16", "float16", "auto"],
-        help="dtype the models are loaded in (default float32; auto: as saved)",
-    )
-    models.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    models.add_argument("--trust_remote_code", action="store_true", help="only for repositories you have read")
-
-    data = parser.add_argument_group("data (default: the --config's)")
-    fields = {f.name: f for f in dataclasses.fields(DataArguments)}
-    for name in DATA_OPTIONS:
-        help_text = fields[name].metadata.get("help", "")
-        if name == "group_texts":
-            data.add_argument(f"--{name}", type=_bool, default=None, metavar="true|false", help=help_text)
-        else:
-            kind = int if name.startswith(("max_", "block")) else str
-            data.add_argument(f"--{name}", type=kind, default=None, help=help_text)
-    data.add_argument("--split", help="split to evaluate on (default: eval_split of --config, else validation)")
-    data.add_argument("--max_samples", type=int, default=None, help="evaluate on the first N rows only")
-
-    run_group = parser.add_argument_group("evaluation")
-    run_group.add_argument("--batch_size", type=int, default=8, help="rows per batch (default 8)")
-    run_group.add_argument("--max_new_tokens", type=int, default=64, help="tokens generated per row")
-    run_group.add_argument("--num_beams", type=int, default=1, help="beams for the ROUGE generations")
-    run_group.add_argument(
-        "--metric",
-        default="rouge",
-        metavar="NAME_OR_PATH",
-        help="evaluate metric for the generations: rouge (default, hf_kd's offline ROUGE), a local metric folder or "
-        "script, or a Hub metric name already in evaluate's cache",
-    )
-    run_group.add_argument("--no_rouge", action="store_true", help="skip the generations scored by --metric")
-    run_group.add_argument("--no_speed", action="store_true", help="skip the generation-speed measurement")
-    run_group.add_argument("--speed_samples", type=int, default=32, help="rows timed for generation speed")
-    run_group.add_argument("--speed_input_length", type=int, default=128, help="prompt tokens kept when timing")
-    run_group.add_argument("--output", metavar="FILE.json", help="also write the results as JSON here")
-    parser.set_defaults(run=run)
-    return parser
-
-
-def _bool(text: str) -> bool:
-    if text.lower() in ("true", "1", "yes"):
-        return True
-    if text.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def run(args: argparse.Namespace) -> int:
-    """`hf-kd evaluate`: prints the table (and writes --output); 2 after a one-line error."""
-    try:
-        results = evaluate_pair(args)
-    except ConfigError as err:
-        print(f"hf-kd evaluate: error: {err}", file=sys.stderr)
-        return 2
-    print(format_table(results))
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    return 0

@@ -9,11 +9,12 @@ loss, the distilled student with its model card, and the teacher (``teacher/``).
 Tasks: ``denoise`` (the default) and ``summarize`` are encoder-decoder tasks, a BART teacher and T5-architecture
 and BART students (``--student-archs t5,bart``) sharing one tokenizer; ``lm`` is language modelling with GPT-2
 teacher and students (its teacher is the one ``recipes/configs/quickstart_lm.yaml`` distills from).
+
+The command line (its options and the thread setting) is :mod:`hf_kd.cli.quickstart`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -355,7 +356,7 @@ def architecture(model: Any) -> str:
 
 
 def training_args(output_dir: Path, settings: Settings, steps: int, lr: float, **extra: Any) -> Any:
-    from hf_kd import DistillationConfig
+    from hf_kd.config import DistillationConfig
 
     return DistillationConfig(
         output_dir=str(output_dir),
@@ -444,7 +445,7 @@ def train_student(
     arch: str = "",
 ) -> tuple[Any, Any, float, list[tuple[int, float]]]:
     """A student trained on the labels (kind "ce") or distilled from the teacher (kind "kd")."""
-    from hf_kd import DistillationTrainer
+    from hf_kd.trainer import DistillationTrainer
 
     student = build_model(tokenizer, settings.student_layers, settings.student_width, settings, settings.seed, arch)
     curve = ValidationCurve(valid, collator(tokenizer), settings.student_steps, settings.num_evals)
@@ -627,7 +628,7 @@ def plot_curves(
     plt.close(fig)
 
 
-def _settings_from_args(args: argparse.Namespace) -> Settings:
+def _settings_from_args(args: Any) -> Settings:
     settings = Settings.for_task(args.task, seed=args.seed)
     if args.smoke:
         settings = dataclasses.replace(settings, **SMOKE)
@@ -639,7 +640,7 @@ def _settings_from_args(args: argparse.Namespace) -> Settings:
     return dataclasses.replace(settings, **overrides)
 
 
-def command_line(args: argparse.Namespace) -> str:
+def command_line(args: Any) -> str:
     """The command that reproduces this run (options left at their default omitted)."""
     words = ["hf-kd", "quickstart", "--task", args.task, "--output-dir", str(args.output_dir)]
     words += ["--smoke"] if args.smoke else []
@@ -650,18 +651,10 @@ def command_line(args: argparse.Namespace) -> str:
     return " ".join(words)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the quickstart; returns the exit status."""
-    threads = torch.get_num_threads()
-    try:
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        return _pipeline(args)
-    finally:
-        torch.set_num_threads(threads)  # callers in the same process (tests) keep their setting
-
-
-def _pipeline(args: argparse.Namespace) -> int:
+def run_quickstart(args: Any) -> int:
+    """Run the whole quickstart as the options of `hf-kd quickstart` say (an ``argparse.Namespace`` or any
+    object with those attributes: task, seed, smoke, output_dir, cache_dir, threads and the Settings fields,
+    None for "the task's design"); returns the exit status."""
     from hf_kd.data import default_cache_dir
     from hf_kd.metrics import cross_entropy_sum
 
@@ -787,7 +780,7 @@ def _pipeline(args: argparse.Namespace) -> int:
 def _versions() -> dict[str, str]:
     import transformers
 
-    from hf_kd import __version__
+    from hf_kd.version import __version__
 
     return {
         "python": sys.version.split()[0],
@@ -845,100 +838,3 @@ Wall time: {report["wall_seconds"]:.0f} s. Command: `{report["command"]}`
 
 ![evaluation loss](eval_loss.png)
 """
-
-
-def _archs(text: str) -> str:
-    archs = [a.strip() for a in text.split(",")]
-    if not archs or any(a not in ("t5", "bart") for a in archs) or len(set(archs)) < len(archs):
-        raise argparse.ArgumentTypeError(f"{text!r}: use t5, bart or t5,bart")
-    return ",".join(archs)
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``hf-kd quickstart`` on an argparse subparsers object."""
-    parser = subparsers.add_parser(
-        "quickstart",
-        help="Distill a small model end to end on built-in data, offline, in a few CPU minutes.",
-        description=(
-            "Train a small teacher from scratch on the docstrings of the Python standard library (cached for "
-            "later runs), then two students with the same step budget, data and initialisation: one on the "
-            "labels alone, one by distillation from the teacher. Evaluate the three on the test split and write "
-            "report.md, report.json, eval_loss.png, the distilled student (with its model card) and the teacher "
-            "to --output-dir. Needs no network; a few CPU minutes (see docs/quickstart.md)."
-        ),
-    )
-    parser.add_argument(
-        "--task",
-        choices=TASKS,
-        default=DEFAULT_TASK,
-        help="denoise: BART-style text infilling of docstrings, a BART teacher and T5 students (ROUGE-L and "
-        "perplexity); summarize: function source -> first docstring sentence, same models (its teacher does not "
-        "learn to read the code within the budget, see docs/quickstart.md); lm: language modelling of docstrings "
-        f"with GPT-2 models (perplexity). Default: {DEFAULT_TASK}.",
-    )
-    parser.add_argument(
-        "--output-dir", default="hf_kd_quickstart", help="Where reports and students go (default: ./hf_kd_quickstart)."
-    )
-    parser.add_argument(
-        "--cache-dir",
-        default=None,
-        help="Cache for the data set, tokenizer and teacher (default: $HF_KD_CACHE or ~/.cache/hf_kd).",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="Seeds the teacher, the students and the data order.")
-    parser.add_argument(
-        "--smoke",
-        action="store_true",
-        help="Tiny models, data and step counts: checks the whole pipeline in well under a minute.",
-    )
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
-    sizes = parser.add_argument_group(
-        "sizes and budget (defaults: the task's measured design, shown for the default task; see docs/quickstart.md)"
-    )
-    default_design = Settings.for_task(DEFAULT_TASK)
-    sizes.add_argument(
-        "--student-archs",
-        type=_archs,
-        default=None,
-        help=f"encoder-decoder tasks: comma-separated student architectures, t5 and/or bart; a CE and a KD student "
-        f"of each (default {default_design.student_archs})",
-    )
-    for name, kind in (
-        ("teacher_steps", int),
-        ("student_steps", int),
-        ("batch_size", int),
-        ("teacher_layers", int),
-        ("teacher_width", int),
-        ("student_layers", int),
-        ("student_width", int),
-        ("vocab_size", int),
-        ("block_size", int),
-        ("source_length", int),
-        ("target_length", int),
-        ("mask_fraction", float),
-        ("max_words", int),
-        ("teacher_lr", float),
-        ("student_lr", float),
-        ("temperature", float),
-        ("max_train_docs", int),
-    ):
-        default = getattr(default_design, name)
-        help_text = f"default: {default if default is not None else 'all'}"
-        sizes.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=help_text)
-    sizes.add_argument("--alpha", type=float, default=None, help="weight of CE in the KD student's loss (default 0)")
-    parser.set_defaults(run=run)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m hf_kd.quickstart``: the subcommand on its own."""
-    parser = argparse.ArgumentParser(prog="hf-kd")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] != "quickstart":
-        argv = ["quickstart", *argv]
-    args = parser.parse_args(argv)
-    return run(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

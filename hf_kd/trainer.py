@@ -40,7 +40,14 @@ from hf_kd.losses import (
     score,
 )
 from hf_kd.student.hidden import PROJECTION_FILE, HiddenStateDistiller
-from hf_kd.teachers import CachedTeacher, CrossTokenizerTeacher, LiveTeacher, TeacherEnsemble, TeacherSource
+from hf_kd.teachers import (
+    CachedTeacher,
+    CrossTokenizerTeacher,
+    LiveTeacher,
+    RowRequest,
+    TeacherEnsemble,
+    TeacherSource,
+)
 from hf_kd.teachers.cache import CACHE_COLUMNS
 from hf_kd.teachers.cross_tokenizer.source import check_cross_tokenizer, make_collator, realign
 from hf_kd.teachers.cross_tokenizer.vocabulary import VocabularyMap
@@ -106,6 +113,7 @@ def settings_in_use(args: DistillationConfig, **facts: bool) -> set[str]:
     }
     return {name for name, on in flags.items() if on}
 
+
 logger = logging.getLogger(__name__)
 
 
@@ -136,7 +144,6 @@ class DistillationTrainer(Seq2SeqTrainer):
     # The loss is divided by the target-token count of the whole accumulated batch (see get_batch_samples),
     # so the Trainer must not divide it again by the number of accumulation steps.
     loss_is_scaled_for_ga = True
-
 
     def __init__(
         self,
@@ -172,8 +179,10 @@ class DistillationTrainer(Seq2SeqTrainer):
             settings_in_use(
                 args,
                 teacher_cache=self.teacher_cache is not None,
-                **{"teacher ensemble": isinstance(teacher_model, TeacherEnsemble),
-                   "DeepSpeed or FSDP": self.is_deepspeed_enabled or self.is_fsdp_enabled},
+                **{
+                    "teacher ensemble": isinstance(teacher_model, TeacherEnsemble),
+                    "DeepSpeed or FSDP": self.is_deepspeed_enabled or self.is_fsdp_enabled,
+                },
             )  # fmt: skip
         )
         self.is_encoder_decoder = is_encoder_decoder
@@ -338,7 +347,6 @@ class DistillationTrainer(Seq2SeqTrainer):
         if "labels" not in batch:
             raise ValueError(_missing_labels_message(self.args.alpha))
 
-
     def _make_hidden_distiller(self, student: nn.Module, teacher: nn.Module) -> HiddenStateDistiller | None:
         """The hidden-state term's layer pairs and projections, when hidden_state_loss_weight > 0."""
         if self.args.hidden_state_loss_weight == 0.0:
@@ -378,7 +386,7 @@ class DistillationTrainer(Seq2SeqTrainer):
         with_hidden = self.hidden_distiller is not None and model.training
         student_inputs = self._student_inputs(model, inputs, with_hidden)
         student, outputs = self._run_student(model, student_inputs)
-        teacher = self.teacher_source.rows(inputs, student_inputs, labels, outputs, with_outputs=with_hidden)
+        teacher = self.teacher_source.rows(RowRequest(inputs, student_inputs, labels, outputs, with_hidden))
         result = score(student, teacher.rows, labels, self.loss_settings, self.vocab_size, num_items_in_batch)
         loss = result.loss
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:

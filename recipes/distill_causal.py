@@ -3,12 +3,12 @@
     python recipes/distill_causal.py recipes/configs/CONFIG.yaml [--key value ...]
     accelerate launch --config_file recipes/accelerate/ddp.yaml recipes/distill_causal.py recipes/configs/CONFIG.yaml
 
-The logic lives in hf_kd.recipe.run; see docs/recipes.md.
+The command line is hf_kd.cli.distill, the recipe hf_kd.recipe.run; see docs/recipes.md.
 """
 
 import sys
 
-from hf_kd.recipe.run import main
+from hf_kd.cli.distill import main
 
 if __name__ == "__main__":
     sys.exit(main(task="causal"))

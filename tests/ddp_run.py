@@ -18,10 +18,12 @@ from safetensors.torch import save_file  # noqa: E402
 from hf_kd import DistillationTrainer  # noqa: E402
 
 
-def main(out: str, per_device_batch: int) -> None:
+def main(out: str, per_device_batch: int, ensemble: bool = False) -> None:
     tokenizer = make_tokenizer()
     vocab = len(tokenizer)
     student, teacher = tiny_gpt2(vocab, seed=1), tiny_gpt2(vocab, seed=2, n_layer=3)
+    if ensemble:
+        teacher = [teacher, tiny_gpt2(vocab, seed=4)]
     args = config(
         __import__("pathlib").Path(out),
         per_device_train_batch_size=per_device_batch,
@@ -32,6 +34,7 @@ def main(out: str, per_device_batch: int) -> None:
         alpha=0.5,
         temperature=2.0,
         ddp_backend="gloo" if "WORLD_SIZE" in os.environ else None,
+        teacher_weights=[0.7, 0.3] if ensemble else None,
     )
     trainer = DistillationTrainer(
         model=student, teacher_model=teacher, args=args, train_dataset=lm_dataset(tokenizer, n=24, seed=5),
@@ -47,4 +50,4 @@ def main(out: str, per_device_batch: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], int(sys.argv[2]), ensemble=sys.argv[3:] == ["ensemble"])

@@ -260,7 +260,7 @@ def test_distill_on_a_bad_cache_is_one_line(capsys, tmp_path, files, cache_dir, 
         (["--tail-samples", "-1"], ["--tail-samples -1", "0 or more"]),
         (["--batch-size", "0"], ["--batch-size 0", "1 or more"]),
         (["--shard-size", "0"], ["--shard-size 0", "1 or more"]),
-        (["--tokenizer", "/no/such/tokenizer"], ["--tokenizer /no/such/tokenizer", "does not exist"]),
+        (["--tokenizer", "/no/such/tokenizer"], ["--tokenizer='/no/such/tokenizer'", "no such file or folder"]),
         (["--device", "cuda:99"], ["--device", "cpu"]),
     ],
 )
@@ -277,7 +277,7 @@ def test_cache_teacher_bad_settings(capsys, tmp_path, files, extra, words) -> No
         (["--num-beams", "0"], ["--num-beams 0", "1 or more"]),
         (["--shard-size", "0"], ["--shard-size 0", "1 or more"]),
         (["--max-wer", "nan"], ["--max-wer nan", "finite"]),
-        (["--tokenizer", "/no/such/tokenizer"], ["--tokenizer /no/such/tokenizer", "does not exist"]),
+        (["--tokenizer", "/no/such/tokenizer"], ["--tokenizer='/no/such/tokenizer'", "no such file or folder"]),
         (["--source-column", "article"], ["no column 'article'", "--source-column"]),
         (["--target-column", "summary", "--target-source", "both"], ["'summary'", "--target-column"]),
     ],
@@ -358,7 +358,7 @@ def test_bad_teacher_folder(capsys, tmp_path, files, command, kind) -> None:
     folder = _bad_teacher(kind, files, tmp_path)
     argv = ARGV[command](files, tmp_path / "out")
     argv[argv.index("--teacher") + 1] = str(folder)
-    one_line_error(capsys, argv, f"--teacher {folder}", *BAD_TEACHERS[kind])
+    one_line_error(capsys, argv, f"--teacher={str(folder)!r}", *BAD_TEACHERS[kind])
     assert not (tmp_path / "out").exists()
 
 

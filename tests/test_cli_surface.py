@@ -146,26 +146,26 @@ def test_a_usage_error_is_one_line(capsys):
 
 def test_evaluate_missing_model_path(capsys, tmp_path, lm_files):
     missing = str(tmp_path / "no" / "student")
-    one_line_error(capsys, evaluate_argv(missing, lm_files), f"--student={missing!r}", "no such directory")
+    one_line_error(capsys, evaluate_argv(missing, lm_files), f"--student={missing!r}", "no such file or folder")
 
 
 def test_evaluate_missing_tokenizer_path(capsys, models, lm_files):
     argv = evaluate_argv(models["gpt2"]["student"], lm_files, "--tokenizer", "./no-such-tokenizer")
-    one_line_error(capsys, argv, "--tokenizer='./no-such-tokenizer'", "no such directory")
+    one_line_error(capsys, argv, "--tokenizer='./no-such-tokenizer'", "no such file or folder")
 
 
 def test_evaluate_truncated_safetensors(capsys, tmp_path, models, lm_files):
     student = Path(shutil.copytree(models["gpt2"]["student"], tmp_path / "truncated"))
     weights = student / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1000])
-    one_line_error(capsys, evaluate_argv(str(student), lm_files), "--student=", "safetensors", "save or download")
+    one_line_error(capsys, evaluate_argv(str(student), lm_files), "--student=", "safetensors", "truncated or corrupt")
 
 
 def test_evaluate_pickle_weights_only(capsys, tmp_path, models, lm_files):
     student = Path(shutil.copytree(models["gpt2"]["student"], tmp_path / "pickled"))
     torch.save(load_file(student / "model.safetensors"), student / "pytorch_model.bin")
     (student / "model.safetensors").unlink()
-    one_line_error(capsys, evaluate_argv(str(student), lm_files), "*.bin", "safetensors only")
+    one_line_error(capsys, evaluate_argv(str(student), lm_files), "pytorch_model.bin", "safetensors only")
 
 
 def test_evaluate_refuses_a_teacher_with_another_vocabulary(capsys, tmp_path, models, lm_files):

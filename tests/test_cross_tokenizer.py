@@ -13,6 +13,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers
 from transformers import PreTrainedTokenizerFast
 
 from hf_kd.losses import IGNORE_INDEX, LossSettings, StudentOutput, cross_tokenizer_loss, distillation_loss, score
+from hf_kd.teachers import RowRequest
 from hf_kd.teachers.cross_tokenizer.inputs import CrossTokenizerAligner, TokenAlignment
 from hf_kd.teachers.cross_tokenizer.source import CrossTokenizerTeacher, check_cross_tokenizer, make_collator, realign
 from hf_kd.teachers.cross_tokenizer.vocabulary import (
@@ -267,7 +268,7 @@ def test_source_runs_the_teacher_on_its_own_inputs_and_scores_a_shifted_causal_s
     student_inputs = {k: v for k, v in source.student_inputs(inputs).items() if k != "labels"}
     outputs = student(**student_inputs)
     labels = torch.nn.functional.pad(batch.student["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
-    rows = source.rows(inputs, student_inputs, labels, outputs).rows
+    rows = source.rows(RowRequest(inputs, student_inputs, labels, outputs)).rows
     result = score(StudentOutput(outputs.logits), rows, labels, settings, vocab_size=None)
     with torch.no_grad():
         teacher_logits = teacher(**batch.teacher).logits

@@ -22,13 +22,15 @@ def _run(cmd: list[str], cwd: Path) -> None:
 
 
 @pytest.mark.slow
-def test_two_process_ddp_matches_one_process(tmp_path):
+@pytest.mark.parametrize("teacher", ["one", "ensemble"])
+def test_two_process_ddp_matches_one_process(tmp_path, teacher):
     ddp, single = tmp_path / "ddp", tmp_path / "single"
     ddp.mkdir()
     single.mkdir()
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533"]
-    _run([*launcher, str(SCRIPT), str(ddp), "4"], cwd=tmp_path)
-    _run([sys.executable, str(SCRIPT), str(single), "8"], cwd=tmp_path)
+    extra = ["ensemble"] if teacher == "ensemble" else []
+    _run([*launcher, str(SCRIPT), str(ddp), "4", *extra], cwd=tmp_path)
+    _run([sys.executable, str(SCRIPT), str(single), "8", *extra], cwd=tmp_path)
 
     rank0, rank1 = load_file(str(ddp / "rank0.safetensors")), load_file(str(ddp / "rank1.safetensors"))
     reference = load_file(str(single / "rank0.safetensors"))

@@ -12,6 +12,7 @@ from rouge_score import rouge_scorer
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 from hf_kd import quickstart
+from hf_kd.cli import quickstart as quickstart_cli
 from hf_kd.data import MASK_TOKEN, text_infilling
 from hf_kd.metrics import count_parameters, perplexity
 
@@ -25,7 +26,7 @@ def cache_dir(tmp_path_factory):
 
 def _run(output_dir, cache_dir, *extra):
     argv = ["--smoke", "--threads", "1", "--output-dir", str(output_dir), "--cache-dir", str(cache_dir), *extra]
-    assert quickstart.main(argv) == 0
+    assert quickstart_cli.main(argv) == 0
     return json.loads((output_dir / "report.json").read_text())
 
 
@@ -226,7 +227,7 @@ def test_help_describes_the_command(capsys):
     import argparse
 
     parser = argparse.ArgumentParser(prog="hf-kd")
-    quickstart.add_parser(parser.add_subparsers())
+    quickstart_cli.add_parser(parser.add_subparsers())
     assert parser.parse_args(["quickstart"]).task == "denoise"
     with pytest.raises(SystemExit):
         parser.parse_args(["quickstart", "--help"])

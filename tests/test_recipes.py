@@ -14,9 +14,10 @@ from datasets import Dataset, DatasetDict
 from recipe_helpers import save_tiny_models, tiny_overrides
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+from hf_kd.cli.distill import main
 from hf_kd.recipe.args import DataArguments, parse_recipe_config
 from hf_kd.recipe.data import load_raw_datasets
-from hf_kd.recipe.run import main, run_recipe
+from hf_kd.recipe.run import run_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
@@ -81,9 +82,10 @@ def test_quickstart_config_distills_what_the_quickstart_does():
     import argparse
 
     from hf_kd import quickstart
+    from hf_kd.cli import quickstart as quickstart_cli
 
     config = yaml.safe_load((ROOT / "recipes" / "configs" / "quickstart_lm.yaml").read_text())
-    parser = quickstart.add_parser(argparse.ArgumentParser().add_subparsers())
+    parser = quickstart_cli.add_parser(argparse.ArgumentParser().add_subparsers())
     assert config["teacher_model_name_or_path"] == f"{parser.parse_args([]).output_dir}/teacher"
     s = quickstart.Settings()
     width = s.student_width
@@ -228,7 +230,8 @@ def test_script_file_runs_as_main(models, tmp_path, monkeypatch, script):
 @pytest.mark.parametrize("name", ["bart_large_cnn_to_12_3", "gpt2_large_to_distilgpt2_wikitext103"])
 def test_recipe_saves_its_tokenised_split_then_trains_from_a_cache_of_it(name, models, tmp_path):
     """save_tokenized_train -> hf_kd.teachers.cache_writer.build_teacher_cache -> the same config with
-    teacher_cache: the cache is accepted (its content hash is the re-tokenised split's) and the student trains without a teacher."""
+    teacher_cache: the cache is accepted (its content hash is the re-tokenised split's) and the student trains
+    without a teacher."""
     from hf_kd.teachers.cache import CachedTeacher
     from hf_kd.teachers.cache_writer import build_teacher_cache
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
-from hf_kd.recipe.args import ConfigError, check_model_folder, check_source_path, holds_model
+from hf_kd.cli.common import run_command
+from hf_kd.errors import ConfigError, check_model_folder, check_source_path
+from hf_kd.recipe.args import holds_model
 from hf_kd.student.make import make_student
 
 
@@ -94,29 +95,30 @@ def check_paths(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Make and save the student; print its layer map. Returns the exit status."""
+    # OSError, ValueError: a bad map, an unsupported model, a teacher that cannot be loaded
+    return run_command("hf-kd make-student", _make_student, args, errors=(OSError, ValueError))
+
+
+def _make_student(args: argparse.Namespace) -> int:
     layer_map = {}
     if args.encoder_map is not None:
         layer_map["encoder"] = args.encoder_map
     if args.decoder_map is not None:
         layer_map["decoder"] = args.decoder_map
     tokenizer = None
-    try:
-        check_paths(args)
-        if args.tokenizer is not None:
-            from transformers import AutoTokenizer
+    check_paths(args)
+    if args.tokenizer is not None:
+        from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-        student = make_student(
-            args.teacher,
-            encoder_layers=args.encoder_layers,
-            decoder_layers=args.decoder_layers,
-            layer_map=layer_map or None,
-            output_dir=args.output_dir,
-            tokenizer=tokenizer,
-        )
-    except (OSError, ValueError) as error:  # a bad map, an unsupported model, a teacher that cannot be loaded
-        print(f"hf-kd make-student: error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 2
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    student = make_student(
+        args.teacher,
+        encoder_layers=args.encoder_layers,
+        decoder_layers=args.decoder_layers,
+        layer_map=layer_map or None,
+        output_dir=args.output_dir,
+        tokenizer=tokenizer,
+    )
     layers = ", ".join(f"{name} {layers}" for name, layers in student.config.hf_kd_layer_map.items())
     print(f"Saved a {student.num_parameters():,}-parameter student to {args.output_dir} (teacher layers: {layers}).")
     return 0

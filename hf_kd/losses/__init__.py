@@ -15,8 +15,8 @@ from hf_kd.losses.base import (
     IGNORE_INDEX,
     DistillationLossOutput,
     LossSettings,
+    finish,
     mix_terms,
-    mixed_loss,
     normalizer,
 )
 from hf_kd.losses.chunked import chunked_distillation_loss, fused_distillation_loss
@@ -43,6 +43,6 @@ __all__ = [
     "CacheAlignmentError", "CrossTokenizerLossOutput", "DistillationLossOutput", "LossSettings", "OutputLayer",
     "StudentOutput", "TeacherRows", "TopKRows", "UnfusableModelError", "chunked_distillation_loss",
     "cross_tokenizer_loss", "distillation_loss", "forward_kl", "forward_without_logits", "fused_distillation_loss",
-    "get_divergence", "jsd", "log_probs", "mix_terms", "mixed_loss", "normalizer", "output_layer", "reverse_kl",
+    "get_divergence", "jsd", "log_probs", "mix_terms", "finish", "normalizer", "output_layer", "reverse_kl",
     "score", "skew_forward_kl", "skew_reverse_kl", "sparse_distillation_loss", "tvd",
 ]  # fmt: skip

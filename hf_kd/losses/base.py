@@ -2,7 +2,7 @@
 
 ``alpha * CE + (1 - alpha) * T**2 * D``, summed over target tokens and divided by one normaliser: the dense
 reference, the top-k rows, the chunk engine and the cross-tokenizer loss all end in :func:`mix_terms` and
-:func:`normalizer` (the chunk engine per chunk, the others once), and all return a
+:func:`normalizer` (the chunk engine per chunk, the others once through :func:`finish`), and all return a
 :class:`DistillationLossOutput`.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 
@@ -22,13 +22,34 @@ IGNORE_INDEX = -100
 DEFAULT_CHUNK_SIZE = 1024
 
 
+class LossKeywords(TypedDict, total=False):
+    """The keywords every loss function takes (``distillation_loss(..., loss="jsd", alpha=0)``), with the
+    defaults and meanings of :class:`LossSettings`."""
+
+    loss: str
+    temperature: float
+    alpha: float
+    beta: float
+    skew: float
+
+
 @dataclass(frozen=True)
 class LossSettings:
     """How the token-level loss is computed: the divergence, its parameters, the mix and the path.
 
-    ``chunk_size`` None computes the unchunked reference; ``fuse_output_layer`` applies the student's output
-    layer inside the chunked loss (training only). Built once from a :class:`hf_kd.DistillationConfig` with
-    :meth:`from_config`.
+    Attributes:
+        loss: the divergence, a key of :data:`hf_kd.losses.DIVERGENCES`.
+        temperature: both distributions are softened by it; the divergence is scaled by its square so that
+            its gradients keep their size (Hinton et al. 2015).
+        alpha: weight of the cross-entropy term; ``1 - alpha`` weighs the divergence.
+        beta: the ``jsd`` mixture weight.
+        skew: the skew of ``skew_forward_kl`` and ``skew_reverse_kl``.
+        chunk_size: target tokens per chunk; ``None`` computes the unchunked reference.
+        fuse_output_layer: apply the student's output layer inside the chunked loss (training only).
+        uld_weight: the weight of the ULD term of the cross-tokenizer loss.
+
+    The trainer builds it once from a :class:`hf_kd.DistillationConfig` (:meth:`from_config`); the loss
+    functions build it from their :class:`LossKeywords`.
     """
 
     loss: str = "forward_kl"
@@ -42,16 +63,9 @@ class LossSettings:
 
     @classmethod
     def from_config(cls, args: Any) -> LossSettings:
-        return cls(
-            loss=args.loss,
-            temperature=args.temperature,
-            alpha=args.alpha,
-            beta=args.beta,
-            skew=args.skew,
-            chunk_size=args.loss_chunk_size,
-            fuse_output_layer=args.fuse_output_layer,
-            uld_weight=getattr(args, "uld_weight", 1.0),
-        )
+        same_names = {name: getattr(args, name) for name in LossKeywords.__annotations__}
+        extra = {"uld_weight": getattr(args, "uld_weight", 1.0), "fuse_output_layer": args.fuse_output_layer}
+        return cls(**same_names, chunk_size=args.loss_chunk_size, **extra)
 
     @property
     def divergence(self) -> Callable[..., torch.Tensor]:
@@ -101,23 +115,24 @@ def normalizer(num_items_in_batch: int | torch.Tensor | None, num_tokens: int) -
     return num_items_in_batch if num_items_in_batch is not None else max(num_tokens, 1)
 
 
-def mixed_loss(
+def finish(
     ce_sum: torch.Tensor,
     kd_sum: torch.Tensor,
     num_tokens: int,
-    alpha: float,
-    temperature: float,
+    agreement: torch.Tensor,
+    settings: LossSettings,
     num_items_in_batch: int | torch.Tensor | None,
     anchor: torch.Tensor,
-) -> torch.Tensor:
-    """The loss from its two sums: mixed, divided by the :func:`normalizer`.
+) -> DistillationLossOutput:
+    """The output from the two sums: the loss mixed and divided by the :func:`normalizer`, the sums detached.
 
-    With no target token it is a zero tied to ``anchor`` (the student's graph), so that backward gives zero
+    With no target token the loss is a zero tied to ``anchor`` (the student's graph), so that backward gives zero
     gradients; not the quotient, which is 0 / 0 = NaN when ``num_items_in_batch`` counts no target either.
     """
     if num_tokens == 0:
-        return anchor.flatten()[:0].float().sum()
-    n = normalizer(num_items_in_batch, num_tokens)
-    if torch.is_tensor(n):
-        n = n.to(kd_sum.device)
-    return mix_terms(ce_sum, kd_sum, alpha, temperature) / n
+        total = anchor.flatten()[:0].float().sum()
+    else:
+        n = normalizer(num_items_in_batch, num_tokens)
+        n = n.to(kd_sum.device) if torch.is_tensor(n) else n
+        total = mix_terms(ce_sum, kd_sum, settings.alpha, settings.temperature) / n
+    return DistillationLossOutput(total, kd_sum.detach(), ce_sum.detach(), num_tokens, agreement)

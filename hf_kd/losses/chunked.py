@@ -18,14 +18,26 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
-from hf_kd.losses.base import DEFAULT_CHUNK_SIZE, IGNORE_INDEX, DistillationLossOutput, mix_terms, normalizer
-from hf_kd.losses.divergences import MIN_LOG_PROB, forward_kl, get_divergence, log_probs
+from hf_kd.losses.base import (
+    DEFAULT_CHUNK_SIZE,
+    IGNORE_INDEX,
+    DistillationLossOutput,
+    LossKeywords,
+    LossSettings,
+    mix_terms,
+    normalizer,
+)
+from hf_kd.losses.divergences import MIN_LOG_PROB, forward_kl, log_probs
 from hf_kd.losses.output_layer import OutputLayer
 from hf_kd.losses.topk import TopKRows, check_rows, check_tail_treatment, topk_chunk_loss
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 
 @dataclass(frozen=True)
@@ -276,25 +288,23 @@ def _run(
     vocab: int,
     teacher_logits: torch.Tensor | TopKRows,
     labels: torch.Tensor,
-    loss: str,
-    temperature: float,
-    alpha: float,
-    beta: float,
-    skew: float,
-    num_items_in_batch: int | torch.Tensor | None,
-    chunk_size: int | None,
+    *,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    **keywords: Unpack[LossKeywords],
 ) -> DistillationLossOutput:
+    loss_settings = LossSettings(**keywords)
     rows, target_ids = _targets(labels)
     num_tokens = int(rows.numel())
     if isinstance(teacher_logits, TopKRows):
-        check_tail_treatment(teacher_logits.tail_treatment, loss, teacher_logits)
+        check_tail_treatment(teacher_logits.tail_treatment, loss_settings.loss, teacher_logits)
         check_rows(teacher_logits, target_ids)
     else:
         _check_teacher(teacher_logits, num_tokens, labels.numel(), vocab)
     settings = _Settings(
-        divergence=get_divergence(loss, beta=beta, skew=skew),
-        temperature=temperature,
-        alpha=alpha,
+        divergence=loss_settings.divergence,
+        temperature=loss_settings.temperature,
+        alpha=loss_settings.alpha,
         normalizer=float(normalizer(num_items_in_batch, num_tokens)),
         chunk_size=chunk_size or DEFAULT_CHUNK_SIZE,
         vocab_size=vocab,
@@ -313,14 +323,10 @@ def chunked_distillation_loss(
     teacher_logits: torch.Tensor | TopKRows,
     labels: torch.Tensor,
     *,
-    loss: str = "forward_kl",
-    temperature: float = 1.0,
-    alpha: float = 0.5,
-    beta: float = 0.5,
-    skew: float = 0.1,
+    vocab_size: int | None = None,
     num_items_in_batch: int | torch.Tensor | None = None,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
-    vocab_size: int | None = None,
+    **keywords: Unpack[LossKeywords],
 ) -> DistillationLossOutput:
     """:func:`hf_kd.losses.distillation_loss`, with float32 memory bounded by one chunk, backward included.
 
@@ -331,20 +337,9 @@ def chunked_distillation_loss(
     ``student_logits`` without slicing it. The gradient with respect to ``student_logits``
     is formed during the forward pass (one buffer in the logits' dtype); backward scales it.
     """
-    return _run(
-        student_logits,
-        None,
-        vocab_size or student_logits.shape[-1],
-        teacher_logits,
-        labels,
-        loss,
-        temperature,
-        alpha,
-        beta,
-        skew,
-        num_items_in_batch,
-        chunk_size,
-    )
+    vocab = vocab_size or student_logits.shape[-1]
+    return _run(student_logits, None, vocab, teacher_logits, labels, num_items_in_batch=num_items_in_batch,
+                chunk_size=chunk_size, **keywords)  # fmt: skip
 
 
 def fused_distillation_loss(
@@ -354,13 +349,7 @@ def fused_distillation_loss(
     labels: torch.Tensor,
     *,
     vocab_size: int | None = None,
-    loss: str = "forward_kl",
-    temperature: float = 1.0,
-    alpha: float = 0.5,
-    beta: float = 0.5,
-    skew: float = 0.1,
-    num_items_in_batch: int | torch.Tensor | None = None,
-    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    **options: Any,
 ) -> DistillationLossOutput:
     """The chunked loss with the student's output layer fused in: its logits never exist for more than a chunk.
 
@@ -371,20 +360,8 @@ def fused_distillation_loss(
         teacher_logits: ``[..., vocab_size]`` aligned with ``labels``, or only the target rows.
         labels: target ids, :data:`~hf_kd.losses.IGNORE_INDEX` where there is no target.
         vocab_size: how many leading output columns to use (the whole output layer when ``None``).
-        Others: as :func:`hf_kd.losses.distillation_loss`.
+        options: ``num_items_in_batch``, ``chunk_size`` and the loss keywords, as in
+            :func:`chunked_distillation_loss`.
     """
     vocab = vocab_size or output_layer.weight.shape[0]
-    return _run(
-        hidden_states,
-        output_layer,
-        vocab,
-        teacher_logits,
-        labels,
-        loss,
-        temperature,
-        alpha,
-        beta,
-        skew,
-        num_items_in_batch,
-        chunk_size,
-    )
+    return _run(hidden_states, output_layer, vocab, teacher_logits, labels, **options)

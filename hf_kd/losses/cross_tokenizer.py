@@ -10,13 +10,16 @@ vectors. The vocabulary map (:class:`hf_kd.teachers.cross_tokenizer.VocabularyMa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
-from hf_kd.losses.base import IGNORE_INDEX, DistillationLossOutput, mixed_loss
-from hf_kd.losses.divergences import get_divergence, log_probs
+from hf_kd.losses.base import IGNORE_INDEX, DistillationLossOutput, LossKeywords, LossSettings, finish
+from hf_kd.losses.divergences import log_probs
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 
 @dataclass(frozen=True)
@@ -73,12 +76,7 @@ def cross_tokenizer_divergence(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     vocab_map: Any,
-    *,
-    loss: str = "forward_kl",
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    skew: float = 0.1,
-    uld_weight: float = 1.0,
+    settings: LossSettings,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per aligned row: ``(divergence over shared strings + rest bucket, ULD over unshared tokens, agreement)``.
 
@@ -86,17 +84,17 @@ def cross_tokenizer_divergence(
         student_logits: ``[rows, student_vocab]`` (columns past the tokenizer's length are dropped).
         teacher_logits: ``[rows, teacher_vocab]``, row ``r`` having the same context as the student's row ``r``.
         vocab_map: the token pairing.
-        loss: a divergence of :data:`hf_kd.losses.DIVERGENCES`, computed on the ``num_shared + 1`` buckets.
-        uld_weight: the weight of the ULD term in the returned total; 0 skips it.
+        settings: ``loss`` (computed on the ``num_shared + 1`` buckets), ``temperature``, ``beta``, ``skew`` and
+            ``uld_weight`` (the weight of the ULD term in the returned total; 0 skips it) are read.
     Returns:
         ``(total, shared, uld)``: ``shared + uld_weight * uld``, and the two parts, each of shape ``[rows]``.
     """
     s_group, t_group, s_unmatched, t_unmatched = vocab_map.tensors(student_logits.device)
-    s_log = log_probs(student_logits[:, : vocab_map.student_size], temperature)
-    t_log = log_probs(teacher_logits[:, : vocab_map.teacher_size], temperature)
+    s_log = log_probs(student_logits[:, : vocab_map.student_size], settings.temperature)
+    t_log = log_probs(teacher_logits[:, : vocab_map.teacher_size], settings.temperature)
     buckets = vocab_map.num_shared + 1  # the last bucket: every token without a counterpart
-    divergence = get_divergence(loss, beta=beta, skew=skew)
-    shared = divergence(grouped_log_probs(s_log, s_group, buckets), grouped_log_probs(t_log, t_group, buckets))
+    uld_weight = settings.uld_weight
+    shared = settings.divergence(grouped_log_probs(s_log, s_group, buckets), grouped_log_probs(t_log, t_group, buckets))
     if uld_weight == 0.0 or (s_unmatched.numel() == 0 and t_unmatched.numel() == 0):
         uld = torch.zeros_like(shared)
     else:
@@ -111,14 +109,10 @@ def cross_tokenizer_loss(
     *,
     vocab_map: Any,
     labels: torch.Tensor,
-    loss: str = "forward_kl",
-    temperature: float = 1.0,
-    alpha: float = 0.5,
-    beta: float = 0.5,
-    skew: float = 0.1,
     uld_weight: float = 1.0,
     num_items_in_batch: int | torch.Tensor | None = None,
     chunk_size: int | None = None,
+    **keywords: Unpack[LossKeywords],
 ) -> CrossTokenizerLossOutput:
     """``alpha * CE + (1 - alpha) * T**2 * D`` where ``D`` compares the aligned positions across tokenizers.
 
@@ -130,13 +124,15 @@ def cross_tokenizer_loss(
             ``teacher_index``): which student row and which teacher row share a context.
         vocab_map: pairs the two vocabularies' tokens, see :class:`VocabularyMap`.
         labels: ``[batch, rows]`` the student's target ids, -100 where there is none.
-        loss, temperature, alpha, beta, skew: as in :func:`hf_kd.losses.distillation_loss`; ``loss`` is applied
-            to the shared strings.
+        keywords: ``loss`` (applied to the shared strings), ``temperature``, ``alpha``, ``beta``, ``skew``, as in
+            :class:`~hf_kd.losses.base.LossSettings`.
         uld_weight: the weight of the ULD term on the tokens without a counterpart.
         num_items_in_batch: the normalizer (the Trainer's count of target tokens over accumulated batches);
             the batch's own number of target tokens when ``None``.
         chunk_size: compute over this many aligned positions at a time.
     """
+    settings = LossSettings(**keywords, uld_weight=uld_weight)
+    alpha = settings.alpha
     s_vocab = vocab_map.student_size
     if student_logits.shape[-1] < s_vocab or teacher_logits.shape[-1] < vocab_map.teacher_size:
         raise ValueError(
@@ -160,16 +156,7 @@ def cross_tokenizer_loss(
         s_rows = student_logits[b[rows], s_idx[rows]]
         t_rows = teacher_logits[b[rows], t_idx[rows]].detach()
         with torch.set_grad_enabled(torch.is_grad_enabled() and alpha < 1.0):
-            total, shared, uld = cross_tokenizer_divergence(
-                s_rows,
-                t_rows,
-                vocab_map,
-                loss=loss,
-                temperature=temperature,
-                beta=beta,
-                skew=skew,
-                uld_weight=uld_weight,
-            )
+            total, shared, uld = cross_tokenizer_divergence(s_rows, t_rows, vocab_map, settings)
             kd_sum = kd_sum + total.sum()
         shared_sum = shared_sum + shared.detach().sum()
         uld_sum = uld_sum + uld.detach().sum()
@@ -183,14 +170,5 @@ def cross_tokenizer_loss(
             F.cross_entropy(student_logits[targets].float(), labels[targets], reduction="sum") if num_tokens else zero
         )
 
-    total = mixed_loss(ce_sum, kd_sum, num_tokens, alpha, temperature, num_items_in_batch, anchor=student_logits)
-    return CrossTokenizerLossOutput(
-        loss=total,
-        kd_sum=kd_sum.detach(),
-        ce_sum=ce_sum.detach(),
-        num_tokens=num_tokens,
-        agreement=agreement,
-        num_aligned=num_aligned,
-        shared_sum=shared_sum,
-        uld_sum=uld_sum,
-    )
+    result = finish(ce_sum, kd_sum, num_tokens, agreement, settings, num_items_in_batch, anchor=student_logits)
+    return CrossTokenizerLossOutput(**vars(result), num_aligned=num_aligned, shared_sum=shared_sum, uld_sum=uld_sum)

@@ -37,7 +37,6 @@ class OutputLayer:
     scale: float = 1.0
 
 
-
 class UnfusableModelError(ValueError):
     """The model's logits cannot be reproduced from the input of its output layer."""
 

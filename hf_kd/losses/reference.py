@@ -6,11 +6,16 @@ gradient with bounded memory, and are what the trainer uses by default.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
-from hf_kd.losses.base import IGNORE_INDEX, DistillationLossOutput, mixed_loss
-from hf_kd.losses.divergences import get_divergence, log_probs
+from hf_kd.losses.base import IGNORE_INDEX, DistillationLossOutput, LossKeywords, LossSettings, finish
+from hf_kd.losses.divergences import log_probs
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 
 def distillation_loss(
@@ -18,13 +23,9 @@ def distillation_loss(
     teacher_logits: torch.Tensor,
     labels: torch.Tensor,
     *,
-    loss: str = "forward_kl",
-    temperature: float = 1.0,
-    alpha: float = 0.5,
-    beta: float = 0.5,
-    skew: float = 0.1,
     num_items_in_batch: int | torch.Tensor | None = None,
     chunk_size: int | None = None,
+    **keywords: Unpack[LossKeywords],
 ) -> DistillationLossOutput:
     """Token-level distillation loss over aligned logits.
 
@@ -32,15 +33,11 @@ def distillation_loss(
         student_logits: ``[..., vocab]`` logits; position ``i`` predicts ``labels[..., i]``. Any dtype.
         teacher_logits: same shape as ``student_logits`` (slice both to the shared vocabulary first).
         labels: ``[...]`` target ids; :data:`IGNORE_INDEX` (-100) marks positions that are not targets.
-        loss: the divergence, a key of :data:`hf_kd.losses.DIVERGENCES`.
-        temperature: both distributions are softened by it; the divergence is scaled by its square so that
-            its gradients keep their size (Hinton et al. 2015).
-        alpha: weight of the cross-entropy term; ``1 - alpha`` weighs the divergence.
-        beta: the ``jsd`` mixture weight.
-        skew: the skew of ``skew_forward_kl`` and ``skew_reverse_kl``.
         num_items_in_batch: divide the summed loss by this instead of the number of target tokens; the
             Trainer passes the count over all gradient-accumulation micro-batches (and devices) here.
         chunk_size: compute over this many target tokens at a time (all at once when ``None``).
+        keywords: ``loss``, ``temperature``, ``alpha``, ``beta``, ``skew``, as in
+            :class:`~hf_kd.losses.base.LossSettings` (defaults: forward KL, 1, 0.5, 0.5, 0.1).
     """
     vocab = student_logits.shape[-1]
     if teacher_logits.shape != student_logits.shape:
@@ -48,7 +45,8 @@ def distillation_loss(
             f"Student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
             "differ in shape: align positions and slice both to the shared vocabulary first."
         )
-    divergence = get_divergence(loss, beta=beta, skew=skew)
+    settings = LossSettings(**keywords)
+    divergence, alpha, temperature = settings.divergence, settings.alpha, settings.temperature
     flat_labels = labels.reshape(-1)
     targets = flat_labels.ne(IGNORE_INDEX)
     # Only target positions are ever cast to float32: padding and prompt rows cost nothing.
@@ -72,11 +70,4 @@ def distillation_loss(
         with torch.no_grad():
             agreement += (s_chunk.argmax(-1) == t_chunk.argmax(-1)).sum()
 
-    total = mixed_loss(ce_sum, kd_sum, num_tokens, alpha, temperature, num_items_in_batch, anchor=student)
-    return DistillationLossOutput(
-        loss=total,
-        kd_sum=kd_sum.detach(),
-        ce_sum=ce_sum.detach(),
-        num_tokens=num_tokens,
-        agreement=agreement,
-    )
+    return finish(ce_sum, kd_sum, num_tokens, agreement, settings, num_items_in_batch, anchor=student)

@@ -36,12 +36,16 @@ import math
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from hf_kd.losses.base import IGNORE_INDEX, DistillationLossOutput, mix_terms, mixed_loss
-from hf_kd.losses.divergences import MIN_LOG_PROB, get_divergence
+from hf_kd.losses.base import IGNORE_INDEX, DistillationLossOutput, LossKeywords, LossSettings, finish, mix_terms
+from hf_kd.losses.divergences import MIN_LOG_PROB
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 TAIL_TREATMENTS = ("bucket", "uniform", "sampled")
 # Smallest student tail mass the bucket divergence distinguishes (see bucket_log_probs).
@@ -198,15 +202,11 @@ def sparse_distillation_loss(
     cache_batch: dict[str, torch.Tensor] | TopKRows,
     labels: torch.Tensor,
     *,
-    loss: str = "forward_kl",
-    temperature: float = 1.0,
-    alpha: float = 0.5,
-    beta: float = 0.5,
-    skew: float = 0.1,
     num_items_in_batch: int | torch.Tensor | None = None,
     chunk_size: int | None = None,
     check_targets: bool = True,
     tail_treatment: str = "bucket",
+    **keywords: Unpack[LossKeywords],
 ) -> DistillationLossOutput:
     """:func:`hf_kd.losses.distillation_loss` with the teacher's logits replaced by cached top-k rows.
 
@@ -224,13 +224,15 @@ def sparse_distillation_loss(
         check_targets: compare ``target_ids`` with the labels and raise :class:`CacheAlignmentError` when they
             differ (a cache joined to the wrong rows); costs one device sync.
         tail_treatment: ``"bucket"``, ``"uniform"`` or ``"sampled"``, see the module docstring.
-        The other arguments are those of :func:`hf_kd.losses.distillation_loss`.
+        The other arguments are those of :func:`hf_kd.losses.reference.distillation_loss`.
     """
     del chunk_size
     rows = cache_batch if isinstance(cache_batch, TopKRows) else TopKRows.from_batch(cache_batch, tail_treatment)
     tail_treatment = rows.tail_treatment
-    check_tail_treatment(tail_treatment, loss, rows)
-    divergence = get_divergence(loss, beta=beta, skew=skew)
+    settings = LossSettings(**keywords)
+    alpha, temperature = settings.alpha, settings.temperature
+    check_tail_treatment(tail_treatment, settings.loss, rows)
+    divergence = settings.divergence
     mask = labels.ne(IGNORE_INDEX)
     positions = mask.nonzero(as_tuple=True)  # row-major, the order of the cache rows
     target_ids = labels[mask]
@@ -254,10 +256,7 @@ def sparse_distillation_loss(
         # The cache keeps the top-k sorted, so column 0 is the teacher's top-1 token.
         agreement = (logits.argmax(-1)[positions] == rows.ids[:, 0].long()).sum()
 
-    total = mixed_loss(ce_sum, kd_sum, num_tokens, alpha, temperature, num_items_in_batch, anchor=logits)
-    return DistillationLossOutput(
-        loss=total, kd_sum=kd_sum.detach(), ce_sum=ce_sum.detach(), num_tokens=num_tokens, agreement=agreement
-    )
+    return finish(ce_sum, kd_sum, num_tokens, agreement, settings, num_items_in_batch, anchor=logits)
 
 
 def topk_chunk_loss(

@@ -20,9 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
-from safetensors import safe_open
 from transformers import HfArgumentParser
 
 from hf_kd.config import DistillationConfig
@@ -396,47 +393,6 @@ def check_generation(args: DistillationConfig) -> None:
 
 
 # ---- the folders a recipe reads and writes ----------------------------------------------------------------
-
-
-def check_source_path(key: str, name: str | None) -> None:
-    """A value that can only be a local path (not a Hub id) must exist, before the Hub is asked about it."""
-    if not name or Path(name).exists():
-        return
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        raise ConfigError(f"{key}={name!r}: no such file or folder; give an existing path or a Hub id.") from None
-
-
-def check_model_folder(key: str, path: str | None, safetensors_only: bool = False) -> None:
-    """A local model folder whose weights cannot be loaded is refused with the fix (Hub ids are left to the Hub).
-
-    ``safetensors_only``: the folder is loaded with ``use_safetensors=True`` (teachers), so pickled
-    ``pytorch_model.bin`` weights alone are refused.
-    """
-    folder = Path(path) if path else None
-    if folder is None or not folder.is_dir():
-        return
-    shards = sorted(folder.glob("*.safetensors"))
-    for shard in shards:
-        try:
-            with safe_open(str(shard), framework="pt"):
-                pass
-        except Exception as err:  # noqa: BLE001 - SafetensorError (truncated, corrupt) or OSError
-            reason = " ".join(str(err).split())[:200]
-            raise ConfigError(
-                f"{key}={path!r}: {shard.name} cannot be read ({reason}); it is truncated or damaged: copy, "
-                "download or save the model again."
-            ) from None
-    pickled = [n for n in ("pytorch_model.bin", "pytorch_model.bin.index.json") if (folder / n).is_file()]
-    if safetensors_only and pickled and not shards:
-        config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
-        auto = "AutoModelForSeq2SeqLM" if config.get("is_encoder_decoder") else "AutoModelForCausalLM"
-        raise ConfigError(
-            f"{key}={path!r} holds only {pickled[0]} (pickle); hf_kd loads this model from safetensors only, "
-            f"as pickle files can run code when loaded: convert it once with "
-            f"transformers.{auto}.from_pretrained(DIR).save_pretrained(DIR) if you trust the file."
-        )
 
 
 def holds_model(folder: Path) -> bool:

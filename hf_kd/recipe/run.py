@@ -1,21 +1,19 @@
-"""Distillation recipes: a YAML config in, a distilled and saved student out (`hf-kd distill`, recipes/*.py).
+"""Distillation recipes: a YAML config in, a distilled and saved student out.
 
 The steps are the ones of transformers' example scripts: parse the arguments, load the student and the
-data, tokenise, train with :class:`hf_kd.DistillationTrainer`, evaluate, save and write the model card.
+data, tokenise, train with :class:`hf_kd.DistillationTrainer`, evaluate, save and write the model card. The
+command lines that run it, `hf-kd distill` and recipes/distill_*.py, are in :mod:`hf_kd.cli.distill`.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import shutil
-import sys
-import textwrap
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -30,17 +28,8 @@ from transformers import (
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, get_last_checkpoint
 
 from hf_kd.config import DistillationConfig
-from hf_kd.recipe.args import (
-    STDLIB_DOCSTRINGS,
-    ConfigError,
-    DataArguments,
-    ModelArguments,
-    check_model_folder,
-    check_output_folder,
-    check_source_path,
-    parse_recipe_config,
-    recipe_parser,
-)
+from hf_kd.errors import check_model_folder, check_source_path, first_line
+from hf_kd.recipe.args import STDLIB_DOCSTRINGS, ConfigError, DataArguments, ModelArguments, check_output_folder
 from hf_kd.recipe.data import check_columns, load_raw_datasets, select_splits, tokenize_causal, tokenize_seq2seq
 from hf_kd.teachers.loading import has_vocabulary
 from hf_kd.trainer import DistillationTrainer
@@ -50,18 +39,13 @@ logger = logging.getLogger(__name__)
 TASKS = ("seq2seq", "causal")
 
 
-def _first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[0][:300] if lines else type(err).__name__
-
-
 def _load_config(key: str, name_or_path: str, trust_remote_code: bool, cache_dir: str | None) -> PretrainedConfig:
     try:
         return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, cache_dir=cache_dir)
     except (OSError, ValueError) as err:
         raise ConfigError(
             f"{key}={name_or_path!r} cannot be loaded: not a model directory here and not found on the Hub "
-            f"({_first_line(err)})"
+            f"({first_line(err)})"
         ) from None
 
 
@@ -91,16 +75,25 @@ def load_student(model_args: ModelArguments, args: DistillationConfig, cache_dir
     auto = AutoModelForSeq2SeqLM if task_of(config) == "seq2seq" else AutoModelForCausalLM
     dtype = model_args.dtype or "float32"
     if model_args.student_model_name_or_path:
-        try:
-            return auto.from_pretrained(source, dtype=dtype, trust_remote_code=trust, cache_dir=cache_dir)
-        except OSError as err:
-            raise ConfigError(f"{key}={source!r}: cannot load the weights ({_first_line(err)})") from None
+        return load_weights(key, source, auto, dtype=dtype, trust_remote_code=trust, cache_dir=cache_dir)
     for name, value in (model_args.student_config_overrides or {}).items():
         if not hasattr(config, name):
             raise ConfigError(f"student_config_overrides: {name!r} is not a field of {type(config).__name__}.")
         setattr(config, name, value)
     logger.info("Building a randomly initialised student from %s with overrides %s", source, config)
     return auto.from_config(config, trust_remote_code=trust, dtype=None if dtype == "auto" else dtype)
+
+
+def load_weights(key: str, source: str, auto: Any, **kwargs: Any) -> PreTrainedModel:
+    """``auto.from_pretrained(source, **kwargs)``; a failure is a :class:`ConfigError` naming ``key``.
+
+    Local folders are checked by :func:`hf_kd.errors.check_model_folder` first; this catches the rest (a Hub
+    download that fails, a folder without weights).
+    """
+    try:
+        return auto.from_pretrained(source, **kwargs)
+    except (OSError, SafetensorError) as err:
+        raise ConfigError(f"{key}={source!r}: cannot load the weights ({first_line(err)})") from None
 
 
 def load_tokenizer(model_args: ModelArguments, args: DistillationConfig, cache_dir: str | None = None) -> Any:
@@ -119,7 +112,7 @@ def load_tokenizer(model_args: ModelArguments, args: DistillationConfig, cache_d
         try:
             tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust, cache_dir=cache_dir)
         except (OSError, ValueError) as err:
-            errors.append(f"{key}={name!r}: {_first_line(err)}")
+            errors.append(f"{key}={name!r}: {first_line(err)}")
             continue
         if has_vocabulary(tokenizer):  # transformers 5 builds an empty one for a folder without tokenizer files
             return tokenizer
@@ -359,104 +352,3 @@ def _final_eval_metrics(trainer: DistillationTrainer) -> dict[str, float] | None
         if "eval_loss" in entry:
             return {k: v for k, v in entry.items() if k.startswith("eval_") or k == "epoch"}
     return None
-
-
-# ---- the command line --------------------------------------------------------------------------------------
-
-DESCRIPTION = (
-    "Distill a teacher into a student with the settings of a recipe config (YAML). Any key of the config can be "
-    "overridden on the command line with --key value (values are read as YAML: 2, 5e-5, true, null, "
-    "'{\"a\": 1}'). Keys: the student/data options of hf_kd.recipe.args plus every hf_kd.DistillationConfig / "
-    "Seq2SeqTrainingArguments field; see docs/recipes.md."
-)
-EPILOG = (
-    "examples:\n"
-    "  hf-kd distill --config recipes/configs/quickstart_lm.yaml  (after hf-kd quickstart)\n"
-    "  hf-kd distill --config recipes/configs/t5_large_to_t5_small_xsum.yaml --max_steps 100 --output_dir out\n"
-    "multi-GPU: accelerate launch --config_file recipes/accelerate/ddp.yaml recipes/distill_seq2seq.py CONFIG.yaml"
-)
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register `hf-kd distill` on the `hf-kd` subparsers."""
-    parser = subparsers.add_parser(
-        "distill",
-        help="distill a student with a recipe config (YAML) and --key value overrides",
-        usage="hf-kd distill [-h] --config FILE.yaml [--task {seq2seq,causal}] [--key value ...]",
-        description=textwrap.fill(DESCRIPTION, 100),
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        allow_abbrev=False,
-    )
-    parser.add_argument("--config", required=True, metavar="FILE.yaml", help="the recipe config")
-    parser.add_argument(
-        "--task",
-        choices=TASKS,
-        default=None,
-        help="refuse to run unless the models are of this kind (default: whatever the student is)",
-    )
-    parser.set_defaults(run=run, overrides=[])
-    _take_unknown_options_as_overrides(parser)
-    return parser
-
-
-def _take_unknown_options_as_overrides(parser: argparse.ArgumentParser) -> None:
-    """Keep the options argparse does not know as ``args.overrides`` instead of failing on them.
-
-    The overridable keys are the hundred-odd fields of the recipe dataclasses; they are checked (names and
-    types) by :func:`hf_kd.recipe.args.check_values`, which gives better errors than argparse would.
-    """
-    parse_known_args = parser.parse_known_args
-
-    def parse(args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None):  # noqa: ANN202
-        namespace, extras = parse_known_args(args, namespace)
-        namespace.overrides = list(namespace.overrides) + list(extras)
-        return namespace, []
-
-    parser.parse_known_args = parse  # type: ignore[method-assign]
-
-
-def run(args: argparse.Namespace) -> int:
-    """`hf-kd distill`: returns 0, or 2 after a one-line error naming the bad key, value or path."""
-    try:
-        model_args, data_args, training_args = parse_recipe_config(args.config, args.overrides)
-        metrics = run_recipe(model_args, data_args, training_args, task=getattr(args, "task", None))
-    except ConfigError as err:
-        print(f"hf-kd distill: error: {err}", file=sys.stderr)
-        return 2
-    if data_args.save_tokenized_train:
-        print(_tokenised_message(data_args, training_args, metrics["train_samples"]))
-        return 0
-    logger.info("Distillation finished: %s", metrics)
-    print(f"Saved the student to {training_args.output_dir}")
-    return 0
-
-
-def _tokenised_message(data_args: DataArguments, args: DistillationConfig, rows: int) -> str:
-    folder = data_args.save_tokenized_train
-    teacher = args.teacher_model_name_or_path or "TEACHER"
-    return (
-        f"Saved the tokenised training split ({rows} rows) to {folder}; nothing was trained. Next: hf-kd "
-        f"cache-teacher --teacher {teacher} --dataset {folder} --output CACHE, then train with --teacher_cache CACHE "
-        "(docs/recipes.md, Training from a teacher cache)."
-    )
-
-
-def main(task: str, argv: Sequence[str] | None = None) -> int:
-    """Entry point of recipes/distill_{seq2seq,causal}.py: ``script.py CONFIG.yaml [--key value ...]``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    script = f"distill_{task}.py"
-    if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: {script} CONFIG.yaml [--key value ...]\n\n{DESCRIPTION}\n\nKeys:\n")
-        recipe_parser().print_help()
-        return 0
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    try:
-        model_args, data_args, training_args = parse_recipe_config(argv[0], argv[1:])
-        metrics = run_recipe(model_args, data_args, training_args, task=task)
-    except ConfigError as err:
-        print(f"{script}: error: {err}", file=sys.stderr)
-        return 2
-    if data_args.save_tokenized_train:
-        print(_tokenised_message(data_args, training_args, metrics["train_samples"]))
-    return 0

@@ -1,9 +1,10 @@
 """Where the teacher's rows come from. Every source answers the trainer's two questions the same way:
 
 - ``student_inputs(inputs)``: the part of a collated batch the student reads (labels included);
-- ``rows(inputs, student_inputs, labels, student_outputs, with_outputs=False)``: a
-  :class:`~hf_kd.teachers.live.TeacherPass` holding the rows of the batch's targets, of a kind
-  :func:`hf_kd.losses.score` reads, and (``with_outputs``) the teacher's full outputs for the hidden-state term.
+- ``rows(request)``: given a :class:`~hf_kd.teachers.base.RowRequest` (the batch, the student's inputs and
+  outputs, the aligned labels), a :class:`~hf_kd.teachers.base.TeacherPass` holding the rows of the batch's
+  targets, of a kind :func:`hf_kd.losses.score` reads, and (``with_outputs``) the teacher's full outputs for the
+  hidden-state term.
 
 Sources: :class:`~hf_kd.teachers.live.LiveTeacher` (a model, or a
 :class:`~hf_kd.teachers.ensemble.TeacherEnsemble`, run on the student's inputs: dense rows),
@@ -14,32 +15,13 @@ is :mod:`~hf_kd.teachers.loading`; writing caches and pseudo-labels, :mod:`~hf_k
 :mod:`~hf_kd.teachers.pseudo_label`.
 """
 
-from typing import Any, Protocol
-
-import torch
-
+from hf_kd.teachers.base import RowRequest, TeacherPass, TeacherSource
 from hf_kd.teachers.cache import CachedTeacher, CacheRows
 from hf_kd.teachers.cross_tokenizer import CrossTokenizerTeacher
 from hf_kd.teachers.ensemble import TeacherEnsemble
-from hf_kd.teachers.live import LiveTeacher, TeacherPass
-
-
-class TeacherSource(Protocol):
-    """What the trainer asks of a teacher source (see the module docstring)."""
-
-    def student_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]: ...
-
-    def rows(
-        self,
-        inputs: dict[str, Any],
-        student_inputs: dict[str, Any],
-        labels: torch.Tensor,
-        student_outputs: Any,
-        with_outputs: bool = False,
-    ) -> TeacherPass: ...
-
+from hf_kd.teachers.live import LiveTeacher
 
 __all__ = [
-    "CacheRows", "CachedTeacher", "CrossTokenizerTeacher", "LiveTeacher", "TeacherEnsemble", "TeacherPass",
-    "TeacherSource",
+    "CacheRows", "CachedTeacher", "CrossTokenizerTeacher", "LiveTeacher", "RowRequest", "TeacherEnsemble",
+    "TeacherPass", "TeacherSource",
 ]  # fmt: skip

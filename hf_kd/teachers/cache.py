@@ -21,8 +21,8 @@ from datasets import Dataset, concatenate_datasets
 from hf_kd.errors import ConfigError
 from hf_kd.losses import DistillationLossOutput
 from hf_kd.losses.topk import TopKRows, check_tail_treatment, sparse_distillation_loss
+from hf_kd.teachers.base import RowRequest, TeacherPass
 from hf_kd.teachers.cache_writer import CACHE_KIND, COMMAND, dataset_hash, tokenizer_hash
-from hf_kd.teachers.live import TeacherPass
 from hf_kd.teachers.shards import ShardError, load_sharded
 
 PREFIX = "teacher_"
@@ -177,16 +177,8 @@ class CacheRows:
     def student_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in inputs.items() if k != BATCH_KEY}
 
-    def rows(
-        self,
-        inputs: dict[str, Any],
-        student_inputs: dict[str, Any],
-        labels: torch.Tensor,
-        student_outputs: Any,
-        with_outputs: bool = False,
-    ) -> TeacherPass:
-        del student_inputs, labels, student_outputs, with_outputs  # the rows were computed ahead of training
-        rows = inputs.get(BATCH_KEY)
+    def rows(self, request: RowRequest) -> TeacherPass:
+        rows = request.inputs.get(BATCH_KEY)  # computed ahead of training
         return TeacherPass(TopKRows.from_batch(rows, self.tail_treatment) if rows is not None else None)
 
 

@@ -14,18 +14,18 @@ them) the cache row of an example holds, flattened in target order:
   :mod:`hf_kd.losses.topk` possible, for 2 bytes per sample.
 
 The cache is a sharded, resumable :mod:`hf_kd.teachers.shards` folder; its fingerprint names the teacher (config and
-weights hashes), the tokenizer (vocabulary hash), the data set (content hash of the columns the teacher
-reads), ``k``, the temperature and the vocabulary size. :class:`hf_kd.teachers.cache.CachedTeacher` reads it.
+weights hashes; every member and its weight for a :class:`~hf_kd.teachers.ensemble.TeacherEnsemble`), the
+tokenizer (vocabulary hash), the data set (content hash of the columns the teacher reads), ``k``, the temperature
+and the vocabulary size. :class:`hf_kd.teachers.cache.CachedTeacher` reads it. The command line is
+:mod:`hf_kd.cli.cache_teacher`.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from torch import nn
 
 from hf_kd.errors import ConfigError
 from hf_kd.losses import IGNORE_INDEX, MIN_LOG_PROB, log_probs
+from hf_kd.teachers.ensemble import TeacherEnsemble
 from hf_kd.teachers.shards import data_files, load_sharded, shard_dir, write_sharded
 
 CACHE_KIND = "hf-kd-teacher-topk-cache"
@@ -61,7 +62,7 @@ def config_hash(model: nn.Module) -> str:
     config = model.config.to_dict()
     for key in ("_name_or_path", "transformers_version", "_commit_hash"):
         config.pop(key, None)  # where a model was loaded from, not what it computes
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+    return _sha256_json(config)
 
 
 def weights_hash(model: nn.Module) -> str:
@@ -91,6 +92,39 @@ def dataset_hash(dataset: Dataset, columns: tuple[str, ...] = INPUT_COLUMNS) -> 
     return digest.hexdigest()
 
 
+def _members(teacher: nn.Module) -> list[nn.Module]:
+    """The models whose outputs make the teacher's: an ensemble's members, else the teacher itself."""
+    return list(teacher.members) if isinstance(teacher, TeacherEnsemble) else [teacher]
+
+
+def _model_name(model: nn.Module) -> str:
+    return str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
+
+
+def teacher_identity(teacher: nn.Module) -> dict[str, Any]:
+    """The fingerprint keys that say which teacher wrote a cache: its config and weights hashes and its name.
+
+    An ensemble is named ``"A + B"`` (as :class:`hf_kd.DistillationTrainer` names it) and also records its
+    members' names and mixture weights, which its weights hash does not cover; its config hash covers every
+    member's config. A single teacher's keys are those of caches made before ensembles existed (they resume).
+    """
+    members = _members(teacher)
+    names = [_model_name(member) for member in members]
+    configs = [config_hash(member) for member in members]
+    identity = {
+        "teacher_config_sha256": configs[0] if len(members) == 1 else _sha256_json(configs),
+        "teacher_weights_sha256": weights_hash(teacher),
+        "teacher_name": " + ".join(names),
+    }
+    if isinstance(teacher, TeacherEnsemble):
+        identity.update(teacher_names=names, teacher_weights=list(teacher.weights))
+    return identity
+
+
+def _sha256_json(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def cache_fingerprint(
     teacher: nn.Module,
     tokenizer: Any,
@@ -105,9 +139,7 @@ def cache_fingerprint(
     tail = {"tail_samples": tail_samples, "tail_seed": seed, "tail_sampling": TAIL_SAMPLING} if tail_samples else {}
     return {
         "kind": CACHE_KIND,
-        "teacher_config_sha256": config_hash(teacher),
-        "teacher_weights_sha256": weights_hash(teacher),
-        "teacher_name": str(getattr(teacher.config, "_name_or_path", "") or type(teacher).__name__),
+        **teacher_identity(teacher),
         "tokenizer_sha256": tokenizer_hash(tokenizer) if tokenizer is not None else None,
         "dataset_sha256": dataset_hash(dataset),
         "dataset_rows": len(dataset),
@@ -189,7 +221,8 @@ def teacher_topk(
     with ``tail_samples`` also the tail samples and ``sum p log p`` (see :func:`sample_tail`)."""
     inputs = dict(inputs)
     if getattr(teacher.config, "is_encoder_decoder", False) and "decoder_input_ids" not in inputs:
-        inputs["decoder_input_ids"] = teacher.prepare_decoder_input_ids_from_labels(labels=targets)
+        # An ensemble's members share the decoder's start token (they share one tokenizer): the first shifts.
+        inputs["decoder_input_ids"] = _members(teacher)[0].prepare_decoder_input_ids_from_labels(labels=targets)
     logits = teacher(**inputs, use_cache=False).logits
     if not getattr(teacher.config, "is_encoder_decoder", False):
         logits = logits[:, :-1]
@@ -397,249 +430,3 @@ def cache_size(path: str | os.PathLike) -> dict[str, float]:
     total = sum(f.stat().st_size for shard in folders for f in data_files(shard))
     tokens = int(pa.compute.sum(pa.compute.list_value_length(data.data.column("target_ids"))).as_py() or 0)
     return {"bytes": total, "target_tokens": tokens, "bytes_per_target_token": total / max(tokens, 1)}
-
-
-# ---- command line -----------------------------------------------------------------------------------------
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "cache-teacher",
-        help="Run a teacher once over a tokenised data set and store its top-k log-probabilities.",
-        description="Writes a resumable top-k teacher cache (see docs/cache.md); run it again to resume.",
-    )
-    parser.add_argument("--teacher", required=True, help="Teacher model folder or Hub id.")
-    parser.add_argument("--dataset", required=True, help="A tokenised data set saved with save_to_disk.")
-    parser.add_argument("--split", default=None, help="Split to cache when --dataset is a DatasetDict.")
-    parser.add_argument(
-        "--output", required=True, help="Cache folder (created; when it exists, verified, repaired and resumed)."
-    )
-    parser.add_argument("--tokenizer", default=None, help="Tokenizer folder (default: the teacher's).")
-    parser.add_argument("--k", type=int, default=64, help="Teacher tokens kept per position (default 64).")
-    parser.add_argument("--temperature", type=float, default=1.0, help="Softmax temperature of the cache.")
-    parser.add_argument(
-        "--tail-samples",
-        type=int,
-        default=0,
-        help="Also draw this many tokens per position from the teacher's tail (2 bytes each), for the unbiased "
-        "'sampled' tail treatment (default 0: none).",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the tail samples.")
-    parser.add_argument("--batch-size", type=int, default=8, help="Rows per teacher forward pass (default 8).")
-    parser.add_argument("--shard-size", type=int, default=1000, help="Rows per resumable shard.")
-    add_teacher_runtime_options(parser)
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="Replace a cache made with other settings (deletes its manifest and shards, nothing else).",
-    )
-    parser.set_defaults(run=run)
-    return parser
-
-
-def add_teacher_runtime_options(parser: argparse.ArgumentParser) -> None:
-    """--device, --dtype and --trust-remote-code: how a command that runs the teacher loads it."""
-    parser.add_argument("--device", default=None, help="cuda, cpu ... (default: cuda when available).")
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="dtype the teacher runs in (default auto: as saved).",
-    )
-    parser.add_argument(
-        "--trust-remote-code", action="store_true", help="Run the repository's model code (only one you have read)."
-    )
-
-
-def run_command(command: str, body: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """``body(args)``, with a :class:`ConfigError` (bad input: arguments, data, models, an output folder) printed
-    as one line, exit code 2, as ``hf-kd distill`` does."""
-    try:
-        return body(args)
-    except ConfigError as err:
-        print(f"hf-kd {command}: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-
-
-def _first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[0][:200] if lines else type(err).__name__
-
-
-def _looks_local(name: str) -> bool:
-    """A path, not a Hub id (``name`` or ``org/name``): the Hub's own error for it is misleading."""
-    return name.startswith((".", "~", "/")) or name.count("/") > 1 or "\\" in name
-
-
-def _saved_empty(folder: Path) -> bool:
-    try:
-        return json.loads((folder / "state.json").read_text(encoding="utf-8")).get("_data_files") == []
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def load_tokenised(path: str, split: str | None) -> Dataset:
-    """The data set saved at ``path`` (the ``split`` of a DatasetDict); a ConfigError naming ``--dataset``."""
-    from datasets import DatasetDict, load_from_disk
-
-    if not Path(path).exists():
-        raise ConfigError(f"--dataset {path} does not exist; pass a folder written by Dataset.save_to_disk.")
-    try:
-        data = load_from_disk(path)
-    except (OSError, ValueError, KeyError, IndexError) as err:  # ValueError: damaged or non-UTF-8 json files
-        if _saved_empty(Path(path)):  # `datasets` cannot load a data set saved without rows (IndexError)
-            raise ConfigError(f"--dataset {path} has no rows; pass a data set with at least one example.") from None
-        raise ConfigError(
-            f"--dataset {path} cannot be read as a saved data set ({_first_line(err)}); pass a folder written by "
-            "Dataset.save_to_disk, or save it again."
-        ) from None
-    if isinstance(data, DatasetDict):
-        if split is None or split not in data:
-            raise ConfigError(f"--dataset {path} is a DatasetDict with splits {sorted(data)}; choose one with --split.")
-        data = data[split]
-    return data
-
-
-def _load_teacher_for_cli(args: argparse.Namespace) -> tuple[nn.Module, Any]:
-    from safetensors import SafetensorError
-
-    from hf_kd.teachers.loading import load_teacher
-
-    folder = Path(args.teacher)
-    if folder.is_dir() and not any(folder.glob("*.safetensors")) and any(folder.glob("pytorch_model*.bin")):
-        raise ConfigError(
-            f"--teacher {args.teacher} holds only pytorch_model.bin weights, and hf-kd loads safetensors only "
-            "(a pickle can run code); convert it once with from_pretrained(folder, use_safetensors=False) and "
-            "save_pretrained(folder)."
-        )
-    if not folder.exists() and _looks_local(args.teacher):
-        raise ConfigError(f"--teacher {args.teacher} does not exist; pass a model folder or a Hub id.")
-    kwargs = {} if args.dtype == "auto" else {"dtype": getattr(torch, args.dtype)}
-    options = argparse.Namespace(trust_remote_code=args.trust_remote_code, teacher_model_init_kwargs=kwargs)
-    try:
-        return load_teacher(args.teacher, options)
-    except SafetensorError as err:
-        raise ConfigError(
-            f"--teacher {args.teacher}: its safetensors weights cannot be read ({_first_line(err)}), so the file is "
-            "truncated or corrupt; copy or save the model again."
-        ) from None
-    except (OSError, ValueError) as err:
-        raise ConfigError(
-            f"--teacher {args.teacher} cannot be loaded ({_first_line(err)}); pass a folder written by "
-            "save_pretrained (config.json and safetensors weights) or a Hub id."
-        ) from None
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model", "tokenizer.model")
-
-
-def _load_tokenizer_for_cli(name: str, trust_remote_code: bool, option: str = "--tokenizer") -> Any:
-    from transformers import AutoTokenizer
-
-    from hf_kd.teachers.loading import has_vocabulary
-
-    if not Path(name).exists() and _looks_local(name):
-        raise ConfigError(
-            f"{option} {name} does not exist; pass the folder holding the tokenizer files, or leave --tokenizer "
-            "out to use the teacher's."
-        )
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise ConfigError(
-            f"{option} {name}: its tokenizer cannot be loaded ({_first_line(err)}); pass a folder written by "
-            "tokenizer.save_pretrained or a Hub id with --tokenizer."
-        ) from None
-    if not has_vocabulary(tokenizer):  # transformers 5 builds an empty tokenizer for a folder without its files
-        raise ConfigError(f"{option} {name} holds no tokenizer files; pass the folder the tokenizer was saved to.")
-    return tokenizer
-
-
-def _device(name: str | None) -> torch.device:
-    try:
-        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise ConfigError(f"--device {name!r} is not a torch device; use cpu, cuda, cuda:1 ...") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: this machine has no CUDA GPU; use --device cpu.")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ConfigError(
-            f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s); use cuda:0 or --device cpu."
-        )
-    return device
-
-
-def load_model_for_cli(args: argparse.Namespace) -> tuple[nn.Module, Any]:
-    """The teacher (on ``--device``) and its tokenizer, or ``--tokenizer``; any failure is a ConfigError."""
-    device = _device(args.device)
-    teacher, tokenizer = _load_teacher_for_cli(args)
-    if args.tokenizer:
-        tokenizer = _load_tokenizer_for_cli(args.tokenizer, args.trust_remote_code)
-    elif tokenizer is None and any((Path(args.teacher) / name).is_file() for name in TOKENIZER_FILES):
-        # load_teacher takes an unreadable tokenizer for none; here it would silently cache another vocabulary
-        tokenizer = _load_tokenizer_for_cli(args.teacher, args.trust_remote_code, option="--teacher")
-    return teacher.to(device), tokenizer
-
-
-def _check_cli_numbers(args: argparse.Namespace) -> None:
-    """Before any model is loaded: the settings that cannot be right whatever the teacher."""
-    if not math.isfinite(args.temperature) or args.temperature <= 0:
-        raise ConfigError(f"--temperature {args.temperature} must be a positive number; use e.g. 1.0 or 2.0.")
-    for option, value, least, example in (
-        ("--k", args.k, 1, 64),
-        ("--tail-samples", args.tail_samples, 0, 64),
-        ("--batch-size", args.batch_size, 1, 8),
-        ("--shard-size", args.shard_size, 1, 1000),
-    ):
-        if value < least:
-            raise ConfigError(f"{option} {value} must be {least} or more; pass e.g. {option} {example}.")
-
-
-def rebuild_reporter(output: str, rebuilt: list[int]) -> Callable[[int, str], None]:
-    """An ``on_rebuild`` that says which shard is computed again, and why, and collects their indices."""
-
-    def report(index: int, problem: str) -> None:
-        rebuilt.append(index)
-        print(f"{output}: shard {index} {problem}; computing it again.")
-
-    return report
-
-
-def rebuilt_note(rebuilt: list[int]) -> str:
-    """The end of the command's last line: which shards this run had to compute again."""
-    if not rebuilt:
-        return ""
-    return f" (rebuilt shard{'s' if len(rebuilt) > 1 else ''} {', '.join(map(str, rebuilt))})"
-
-
-def run(args: argparse.Namespace) -> int:
-    return run_command("cache-teacher", _cache_teacher, args)
-
-
-def _cache_teacher(args: argparse.Namespace) -> int:
-    _check_cli_numbers(args)
-    dataset = load_tokenised(args.dataset, args.split)
-    check_tokenised(dataset, f"--dataset {args.dataset}")
-    teacher, tokenizer = load_model_for_cli(args)
-    rebuilt: list[int] = []
-    path = build_teacher_cache(
-        teacher,
-        dataset,
-        args.output,
-        tokenizer=tokenizer,
-        k=args.k,
-        temperature=args.temperature,
-        batch_size=args.batch_size,
-        shard_size=args.shard_size,
-        overwrite=args.overwrite,
-        tail_samples=args.tail_samples,
-        seed=args.seed,
-        on_rebuild=rebuild_reporter(args.output, rebuilt),
-    )
-    size = cache_size(path)
-    per_token = size["bytes_per_target_token"]
-    print(
-        f"Cache written to {path}{rebuilt_note(rebuilt)}: {size['target_tokens']} target tokens, "
-        f"{per_token:.0f} bytes each."
-    )
-    return 0

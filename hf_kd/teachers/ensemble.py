@@ -1,11 +1,11 @@
 """Several teachers read as one: the log of the weighted mean of their next-token probabilities.
 
-``log p(v) = logsumexp_i (log w_i + log_softmax(z_i)(v))``, computed in float32 member by member, so that only
-one extra ``[positions, vocab]`` buffer exists at a time. The result is returned as the ensemble's ``logits``
-(log-probabilities are logits), so every path that reads a teacher's logits reads an ensemble's: dense,
-chunked and fused losses, every divergence, the temperature (which softens the mixture), ``hf-kd
-cache-teacher`` and DDP. The members must share the student's tokenizer; each is cut to the narrowest output
-layer before its softmax, as a single teacher is cut to the shared vocabulary.
+``log p(v) = logsumexp_i (log w_i + log_softmax(z_i)(v))``, computed in float32 (float64 for float64 members) member
+by member, so that only one extra ``[positions, vocab]`` buffer exists at a time. The result is returned as the
+ensemble's ``logits`` (log-probabilities are logits), so every path that reads a teacher's logits reads an
+ensemble's: dense, chunked and fused losses, every divergence, the temperature (which softens the mixture), ``hf-kd
+cache-teacher`` and DDP. The members must share the student's tokenizer; each is cut to the narrowest output layer
+before its softmax, as a single teacher is cut to the shared vocabulary.
 """
 
 from __future__ import annotations
@@ -76,7 +76,8 @@ class TeacherEnsemble(nn.Module):
         for member, weight, takes_mask in zip(self.members, self.weights, self._takes_mask, strict=True):
             kwargs = {"logits_to_keep": logits_to_keep} if logits_to_keep is not None and takes_mask else {}
             logits = member(**inputs, **kwargs).logits[..., : self.vocab_width]
-            weighted = F.log_softmax(logits.float(), dim=-1) + math.log(weight)
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64
+            weighted = F.log_softmax(logits, dim=-1) + math.log(weight)
             mixed = weighted if mixed is None else torch.logaddexp(mixed, weighted)
         output = Seq2SeqLMOutput if self.config.is_encoder_decoder else CausalLMOutput
         return output(logits=mixed)

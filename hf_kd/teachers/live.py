@@ -11,13 +11,14 @@ teacher can take the student's encoder outputs instead of running its own encode
 from __future__ import annotations
 
 import inspect
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hf_kd.losses import IGNORE_INDEX, TeacherRows
+from hf_kd.losses import IGNORE_INDEX
+from hf_kd.teachers.base import RowRequest, TeacherPass
 
 try:  # Transformers >= 5: boolean logits_to_keep masks are understood by (almost) every causal LM
     from transformers.modeling_utils import slice_logits_to_keep as _slice_logits_to_keep  # noqa: F401
@@ -103,14 +104,6 @@ def check_shared_encoder(student: nn.Module, teacher: nn.Module) -> None:
         )
 
 
-class TeacherPass(NamedTuple):
-    """A teacher source's answer for one batch: the rows the loss reads, and (only when asked for, for the
-    hidden-state term) the teacher's full outputs."""
-
-    rows: TeacherRows
-    outputs: Any = None
-
-
 class LiveTeacher:
     """A teacher model (or a :class:`~hf_kd.teachers.ensemble.TeacherEnsemble`) run on the student's inputs:
     dense rows at the target positions.
@@ -131,23 +124,17 @@ class LiveTeacher:
     def student_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         return inputs
 
-    def rows(
-        self,
-        inputs: dict[str, Any],
-        student_inputs: dict[str, Any],
-        labels: torch.Tensor,
-        student_outputs: Any,
-        with_outputs: bool = False,
-    ) -> TeacherPass:
-        """The teacher's rows where ``labels`` (aligned with the output positions) are targets."""
-        del inputs  # the teacher reads what the student reads
-        teacher_inputs = student_inputs
+    def rows(self, request: RowRequest) -> TeacherPass:
+        """The teacher's rows where the labels (aligned with the output positions) are targets."""
+        teacher_inputs = request.student_inputs  # the teacher reads what the student reads
         if self.reuse_student_encoder:
-            encoder_states = student_outputs.encoder_last_hidden_state.to(next(self.model.parameters()).dtype)
-            teacher_inputs = {**student_inputs, "encoder_outputs": (encoder_states,)}
+            encoder_states = request.student_outputs.encoder_last_hidden_state
+            encoder_states = encoder_states.to(next(self.model.parameters()).dtype)
+            teacher_inputs = {**teacher_inputs, "encoder_outputs": (encoder_states,)}
         # target_logits takes the labels as the logits of a causal model read them: shifted, one position shorter.
+        labels = request.labels
         targets = labels if self.is_encoder_decoder else labels[:, :-1]
-        if not with_outputs:
+        if not request.with_outputs:
             # Inference mode, the teacher's dtype, and only the target rows kept (or computed at all).
             rows = target_logits(self.model, teacher_inputs, targets, self.vocab_size, self.is_encoder_decoder)
             return TeacherPass(rows)

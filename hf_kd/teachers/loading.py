@@ -12,7 +12,7 @@ from accelerate.utils import DistributedType
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-from hf_kd.errors import TokenizerMismatchError
+from hf_kd.errors import ConfigError, TokenizerMismatchError, check_source_path, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,22 @@ def load_saved_tokenizer(name_or_path: str, **kwargs: Any) -> Any | None:
         return tokenizer
     logger.info("%s has no tokenizer files: the tokenizer of the model it is paired with is used for it.", name_or_path)
     return None
+
+
+def load_named_tokenizer(key: str, name: str, trust_remote_code: bool = False) -> Any:
+    """The tokenizer the user named (``key`` is the option or config key that names it); a one-line
+    :class:`ConfigError` when the path is not there, cannot be loaded or holds no tokenizer files."""
+    check_source_path(key, name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"{key}={name!r}: its tokenizer cannot be loaded ({first_line(err)}); pass a folder written by "
+            "tokenizer.save_pretrained, or a Hub id, with --tokenizer."
+        ) from None
+    if not has_vocabulary(tokenizer):  # transformers 5 builds an empty tokenizer for a folder without its files
+        raise ConfigError(f"{key}={name!r} holds no tokenizer files; pass the folder the tokenizer was saved to.")
+    return tokenizer
 
 
 def has_vocabulary(tokenizer: Any) -> bool:

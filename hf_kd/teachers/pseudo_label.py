@@ -12,13 +12,11 @@ outputs are written in resumable shards (:mod:`hf_kd.teachers.shards`) with thei
 A ``target_source`` column says which each row holds. A filter (``min_rouge_l`` or ``max_wer``, like
 distil-whisper's WER filter) drops teacher outputs too far from the reference: in ``"teacher"`` mode the
 example is dropped, in ``"both"`` mode only its teacher row. The filter and the mix are applied at assembly, so
-they can be changed without generating again.
+they can be changed without generating again. The command line is :mod:`hf_kd.cli.pseudo_label`.
 """
 
 from __future__ import annotations
 
-import argparse
-import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -30,18 +28,7 @@ from torch import nn
 
 from hf_kd.errors import ConfigError
 from hf_kd.metrics import rouge
-from hf_kd.teachers.cache_writer import (
-    add_teacher_runtime_options,
-    config_hash,
-    dataset_hash,
-    load_model_for_cli,
-    load_tokenised,
-    rebuild_reporter,
-    rebuilt_note,
-    run_command,
-    tokenizer_hash,
-    weights_hash,
-)
+from hf_kd.teachers.cache_writer import config_hash, dataset_hash, tokenizer_hash, weights_hash
 from hf_kd.teachers.shards import ShardError, load_sharded, write_sharded
 
 PSEUDO_KIND = "hf-kd-pseudo-labels"
@@ -266,101 +253,3 @@ def check_text_dataset(dataset: Dataset, name: str, source_column: str, target_c
 def _hashed(fingerprint: dict[str, Any], dataset: Dataset) -> tuple[str, ...]:
     names = (fingerprint["source_column"], fingerprint["target_column"])
     return tuple(c for c in names if c is not None and c in dataset.column_names)
-
-
-# ---- command line -----------------------------------------------------------------------------------------
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "pseudo-label",
-        help="Generate teacher outputs for a data set (sequence-level KD); resumable.",
-        description="Writes <output>/shards (resumable) and <output>/dataset (save_to_disk) to train on.",
-    )
-    parser.add_argument("--teacher", required=True, help="Teacher model folder or Hub id.")
-    parser.add_argument("--dataset", required=True, help="A text data set saved with save_to_disk.")
-    parser.add_argument("--split", default=None, help="Split to label when --dataset is a DatasetDict.")
-    parser.add_argument("--output", required=True, help="Folder for shards/ and the assembled dataset/.")
-    parser.add_argument("--tokenizer", default=None, help="Tokenizer folder (default: the teacher's).")
-    parser.add_argument("--source-column", required=True, help="Column the teacher reads.")
-    parser.add_argument("--target-column", default="target", help="Reference column, and where targets go.")
-    parser.add_argument("--source-prefix", default="", help="Text put before every source (e.g. 'summarize: ').")
-    parser.add_argument("--max-source-length", type=int, default=512, help="Source tokens kept (default 512).")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="Tokens generated per row (default 128).")
-    parser.add_argument("--num-beams", type=int, default=1, help="1: greedy; more: beam search.")
-    parser.add_argument("--batch-size", type=int, default=8, help="Rows per generation batch (default 8).")
-    parser.add_argument("--shard-size", type=int, default=1000, help="Rows per resumable shard (default 1000).")
-    parser.add_argument(
-        "--target-source",
-        choices=TARGET_SOURCES,
-        default="teacher",
-        help="Targets of the assembled data set: the teacher's outputs (default), the references, or both.",
-    )
-    parser.add_argument("--min-rouge-l", type=float, default=None, help="Drop teacher outputs below this ROUGE-L.")
-    parser.add_argument("--max-wer", type=float, default=None, help="Drop teacher outputs above this WER.")
-    add_teacher_runtime_options(parser)
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="Start over in an output folder made with other settings (deletes its manifest, shards/ and dataset/, "
-        "nothing else).",
-    )
-    parser.set_defaults(run=run)
-    return parser
-
-
-def _check_cli_numbers(args: argparse.Namespace) -> None:
-    for option, example in (("max_source_length", 512), ("max_new_tokens", 128), ("num_beams", 1), ("batch_size", 8),
-                            ("shard_size", 1000)):  # fmt: skip
-        value = getattr(args, option)
-        if value < 1:
-            flag = f"--{option.replace('_', '-')}"
-            raise ConfigError(f"{flag} {value} must be 1 or more; pass e.g. {flag} {example}.")
-    for option in ("min_rouge_l", "max_wer"):
-        value = getattr(args, option)
-        if value is not None and not math.isfinite(value):
-            raise ConfigError(f"--{option.replace('_', '-')} {value} must be a finite number; pass e.g. 0.5.")
-
-
-def run(args: argparse.Namespace) -> int:
-    return run_command("pseudo-label", _pseudo_label, args)
-
-
-def _pseudo_label(args: argparse.Namespace) -> int:
-    _check_cli_numbers(args)
-    dataset = load_tokenised(args.dataset, args.split)
-    target = args.target_column if args.target_column in dataset.column_names else None
-    check_text_dataset(dataset, f"--dataset {args.dataset}", args.source_column, target)
-    check_reference(dataset, args.target_column, args.target_source, args.min_rouge_l, args.max_wer)
-    teacher, tokenizer = load_model_for_cli(args)
-    if tokenizer is None:
-        raise ConfigError(f"--teacher {args.teacher} has no tokenizer files; name one with --tokenizer.")
-    rebuilt: list[int] = []
-    generate_pseudo_labels(
-        teacher,
-        tokenizer,
-        dataset,
-        args.output,
-        source_column=args.source_column,
-        target_column=target,
-        source_prefix=args.source_prefix,
-        max_source_length=args.max_source_length,
-        max_new_tokens=args.max_new_tokens,
-        num_beams=args.num_beams,
-        batch_size=args.batch_size,
-        shard_size=args.shard_size,
-        overwrite=args.overwrite,
-        on_rebuild=rebuild_reporter(args.output, rebuilt),
-    )
-    result = assemble(
-        dataset,
-        args.output,
-        target_column=args.target_column,
-        target_source=args.target_source,
-        min_rouge_l=args.min_rouge_l,
-        max_wer=args.max_wer,
-    )
-    out = Path(args.output) / ASSEMBLED
-    result.save_to_disk(str(out))
-    print(f"{len(result)} rows ({args.target_source} targets) written to {out}{rebuilt_note(rebuilt)}.")
-    return 0

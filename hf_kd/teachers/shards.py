@@ -33,7 +33,7 @@ from typing import Any
 from datasets import Dataset, concatenate_datasets, load_from_disk
 from tqdm.auto import tqdm
 
-from hf_kd.errors import ConfigError
+from hf_kd.errors import ConfigError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -71,11 +71,6 @@ def checksum(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def _first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[0][:200] if lines else type(err).__name__
-
-
 def read_manifest(root: str | os.PathLike, command: str = "the command that writes it") -> dict[str, Any]:
     """The manifest of ``root``; a folder without one, or with an unreadable one, raises :class:`ShardError`
     whose fix names ``command``."""
@@ -88,7 +83,7 @@ def read_manifest(root: str | os.PathLike, command: str = "the command that writ
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:  # ValueError: not JSON, or not UTF-8
         raise ShardError(
-            f"{path} cannot be read ({_first_line(err)}); rebuild the output with {command} and --overwrite."
+            f"{path} cannot be read ({first_line(err)}); rebuild the output with {command} and --overwrite."
         ) from None
     if not isinstance(manifest, dict) or any(key not in manifest for key in MANIFEST_KEYS):
         raise ShardError(f"{path} is not an hf-kd manifest; rebuild the output with {command} and --overwrite.")
@@ -117,7 +112,7 @@ def _check_shard(
         shard = load_from_disk(str(folder))
         digest = checksum(folder) if verify else None
     except (OSError, ValueError, KeyError) as err:  # a deleted or truncated .arrow file, a damaged state.json
-        return None, f"cannot be read ({_first_line(err)})"
+        return None, f"cannot be read ({first_line(err)})"
     if len(shard) != entry["rows"]:
         return shard, f"has {len(shard)} rows but the manifest records {entry['rows']}"
     if verify and digest != entry["sha256"]:

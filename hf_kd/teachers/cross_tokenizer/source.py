@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from hf_kd.losses import IGNORE_INDEX, AlignedRows
+from hf_kd.teachers.base import RowRequest, TeacherPass
 from hf_kd.teachers.cross_tokenizer.inputs import CrossTokenizerAligner, CrossTokenizerCollator, split_inputs
 from hf_kd.teachers.cross_tokenizer.vocabulary import VocabularyMap
-from hf_kd.teachers.live import TeacherPass
 
 
 def check_cross_tokenizer(
@@ -71,16 +71,8 @@ class CrossTokenizerTeacher:
     def student_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         return student_inputs(inputs)
 
-    def rows(
-        self,
-        inputs: dict[str, Any],
-        student_inputs: dict[str, Any],
-        labels: torch.Tensor,
-        student_outputs: Any,
-        with_outputs: bool = False,
-    ) -> TeacherPass:
-        del student_inputs, labels, student_outputs, with_outputs  # the teacher reads its own tokens
-        _, teacher_batch, alignment = split_inputs(inputs)
+    def rows(self, request: RowRequest) -> TeacherPass:
+        _, teacher_batch, alignment = split_inputs(request.inputs)  # the teacher reads its own tokens
         with torch.no_grad():
             logits = self.model(**teacher_batch, use_cache=False).logits
         return TeacherPass(AlignedRows(logits, alignment, self.vocab_map))
