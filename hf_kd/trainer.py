@@ -259,8 +259,10 @@ class DistillationTrainer(Seq2SeqTrainer):
             check_cross_tokenizer(model, teacher_model, processing_class, teacher_processing_class)
             if kwargs.get("data_collator") is None:
                 is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+                # Learned positions (BART, GPT-2) end somewhere: never give the student longer sequences.
+                limit = getattr(model.config, "max_position_embeddings", None)
                 kwargs["data_collator"] = make_collator(
-                    args, is_encoder_decoder, processing_class, teacher_processing_class
+                    args, is_encoder_decoder, processing_class, teacher_processing_class, max_length=limit
                 )
         else:
             for member in loaded:

@@ -231,3 +231,24 @@ def test_collator_from_text_columns_and_from_decoded_ids():
     ]
     decoded = aligner.seq2seq(["the cat", "big sky"], ["a dog runs", "the sun sings"])
     assert torch.equal(split_inputs(collator(ids_only))[1]["input_ids"], decoded.teacher["input_ids"])
+
+
+def test_seq2seq_sources_end_with_eos_even_when_the_tokenizer_adds_none():
+    """An encoder reads ``source </s>`` (as T5 and BART tokenizers write it); a tokenizer trained without a
+    post-processor adds no </s>, so the aligner does, once, and keeps it when it truncates."""
+    from conftest import make_tokenizer
+
+    bare = make_tokenizer()
+    assert bare("the cat")["input_ids"][-1] != bare.eos_token_id  # the case being tested
+    for max_length in (None, 3):
+        aligner = CrossTokenizerAligner(bare, byte_bpe_tokenizer(), max_length=max_length)
+        batch = aligner.seq2seq(["the big cat sees a dog", "a bird"], ["the dog runs", "it sings"])
+        for b, source in enumerate(["the big cat sees a dog", "a bird"]):
+            row = batch.student["input_ids"][b][batch.student["attention_mask"][b].bool()].tolist()
+            expected = bare(source)["input_ids"] + [bare.eos_token_id]
+            if max_length is not None and len(expected) > max_length:
+                expected = expected[: max_length - 1] + [bare.eos_token_id]
+            assert row == expected
+    spm = sentencepiece_tokenizer()  # adds </s> itself: not doubled
+    row = CrossTokenizerAligner(spm, byte_bpe_tokenizer()).seq2seq(["the cat"], ["a dog"]).student["input_ids"][0]
+    assert row.tolist() == spm("the cat")["input_ids"] and row.tolist().count(spm.eos_token_id) == 1

@@ -30,10 +30,12 @@ def _data(n: int = 10) -> Dataset:
 
 
 def _manual(model, tok, sources: list[str], max_new_tokens: int, num_beams: int = 1) -> list[str]:
-    """One example at a time, no padding at all."""
+    """One example at a time, no padding at all; an encoder reads ``source </s>``, as it was trained."""
     outputs = []
     for source in sources:
         ids = tok(source, return_tensors="pt")["input_ids"]
+        if model.config.is_encoder_decoder:  # this tokenizer adds no </s> itself
+            ids = torch.cat([ids, torch.tensor([[tok.eos_token_id]])], dim=1)
         with torch.no_grad():
             out = model.generate(
                 input_ids=ids,

@@ -69,3 +69,19 @@ def test_without_the_flag_different_tokenizers_are_refused(tmp_path):
             args=DistillationConfig(output_dir=str(tmp_path), report_to=[]),
             processing_class=sentencepiece_tokenizer(), teacher_processing_class=byte_bpe_tokenizer(),
         )  # fmt: skip
+
+
+def test_the_collator_the_trainer_builds_never_exceeds_the_students_positions(tmp_path):
+    """A BART student has learned positions: its sources and targets are cut to max_position_embeddings (16 here)."""
+    from conftest import tiny_bart
+
+    student = tiny_bart(len(sentencepiece_tokenizer()), seed=2)
+    student.config.max_position_embeddings = 16
+    long = Dataset.from_dict({"source": [" ".join(corpus(12, seed=1))], "target": [" ".join(corpus(12, seed=2))]})
+    trainer = DistillationTrainer(
+        model=student, teacher_model=_teacher(), args=_args(tmp_path, max_steps=1),
+        processing_class=sentencepiece_tokenizer(), teacher_processing_class=byte_bpe_tokenizer(), train_dataset=long,
+    )  # fmt: skip
+    batch = trainer.data_collator([long[0]])
+    assert batch["input_ids"].shape[1] == 16 and batch["labels"].shape[1] == 16
+    assert batch["input_ids"][0, -1] == sentencepiece_tokenizer().eos_token_id  # the source still ends with </s>

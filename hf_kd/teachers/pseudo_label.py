@@ -51,14 +51,25 @@ def word_error_rate(prediction: str, reference: str) -> float:
     return previous[-1] / len(ref)
 
 
+def _end_with(ids: list[int], eos: int | None, limit: int) -> list[int]:
+    """An encoder's source ending with ``</s>``, as it was trained (a tokenizer without a post-processor adds none)."""
+    if eos is None or (ids and ids[-1] == eos):
+        return ids
+    return ids[: limit - 1] + [eos]
+
+
 def generate_batch(teacher: nn.Module, tokenizer: Any, sources: list[str], settings: dict[str, Any]) -> list[str]:
     """The teacher's decoded outputs for ``sources``; causal teachers continue the left-padded prompt."""
     is_ed = bool(getattr(teacher.config, "is_encoder_decoder", False))
     tokenizer.padding_side = "right" if is_ed else "left"  # decoder-only generation continues the last token
-    enc = tokenizer(
-        sources, max_length=settings["max_source_length"], truncation=True, padding=True, return_tensors="pt"
-    ).to(next(teacher.parameters()).device)
+    enc = tokenizer(sources, max_length=settings["max_source_length"], truncation=True)
     enc.pop("token_type_ids", None)
+    if is_ed:
+        enc["input_ids"] = [
+            _end_with(ids, tokenizer.eos_token_id, settings["max_source_length"]) for ids in enc["input_ids"]
+        ]
+        enc["attention_mask"] = [[1] * len(ids) for ids in enc["input_ids"]]
+    enc = tokenizer.pad(enc, return_tensors="pt").to(next(teacher.parameters()).device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.no_grad():
         out = teacher.generate(

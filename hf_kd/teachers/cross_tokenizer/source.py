@@ -36,14 +36,16 @@ def check_cross_tokenizer(
 
 
 def make_collator(
-    args: Any, is_encoder_decoder: bool, student_tokenizer: Any, teacher_tokenizer: Any
+    args: Any, is_encoder_decoder: bool, student_tokenizer: Any, teacher_tokenizer: Any, max_length: int | None = None
 ) -> CrossTokenizerCollator:
     """The collator for the config's layout: seq2seq (``prompt_column`` is the source, ``text_column`` the target)
-    for an encoder-decoder student; causal (``text_column``, optionally after ``prompt_column``) otherwise."""
+    for an encoder-decoder student; causal (``text_column``, optionally after ``prompt_column``) otherwise. The
+    student's sequences are truncated to ``max_length`` (the trainer passes the student's position limit)."""
     aligner = CrossTokenizerAligner(
         student_tokenizer,
         teacher_tokenizer,
         prompt_template=getattr(args, "teacher_prompt_template", "{source}\n"),
+        max_length=max_length,
         teacher_max_length=getattr(args, "teacher_max_length", None),
     )
     text_column = getattr(args, "cross_tokenizer_text_column", "text")
