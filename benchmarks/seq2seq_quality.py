@@ -802,6 +802,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--smoke", action="store_true", help="Tiny data, models and steps (well under a minute).")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--plan", action="append", default=[], metavar="FIELD=VALUE",
+        help="Change a step count or learning rate of the plan, e.g. --plan sft_steps=600 (repeatable).",
+    )  # fmt: skip
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--name", default=None, help="Results stem (default seq2seq_quality, _smoke with --smoke).")
     parser.add_argument("--fresh", action="store_true", help="Start the results file anew instead of merging.")
@@ -835,6 +839,15 @@ def run(args: argparse.Namespace, path: Path, rows: list[str], teachers: list[st
     start = time.perf_counter()
     settings = qs.Settings.for_task(TASK)
     plan = SMOKE_PLAN if args.smoke else Plan()
+    for change in args.plan:
+        field, _, value = change.partition("=")
+        kinds = {f.name: f.type for f in dataclasses.fields(Plan)}
+        kind = kinds.get(field)
+        if kind is None or not value:
+            print(f"seq2seq_quality.py: --plan {change!r}: give FIELD=VALUE, FIELD one of {', '.join(kinds)}",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        plan = dataclasses.replace(plan, **{field: {"int": int, "float": float}.get(kind, str)(value)})
     if args.smoke:
         settings = dataclasses.replace(settings, **qs.SMOKE)
     settings = dataclasses.replace(settings, student_steps=plan.scratch_steps)

@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from hf_kd.losses.base import IGNORE_INDEX
+
 if TYPE_CHECKING:
     from evaluate import EvaluationModule
 
-IGNORE_INDEX = -100
 DEFAULT_ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 ROUGE_PATH = str(Path(__file__).resolve().parent / "evaluate_metrics" / "rouge")
 """The folder of hf_kd's ROUGE `evaluate` module: ``evaluate.load(ROUGE_PATH)`` works offline."""
