@@ -44,6 +44,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from run import Meter as RunMeter  # noqa: E402  (the step benchmark's memory meter: VmHWM, or CUDA's peak)
 
 PATHS = ("reference", "chunked", "fused")
 WORKLOAD: dict[str, Any] = {"vocabs": [32000, 128000, 256000], "tokens": [4096, 16384], "hidden": 256, "chunk": 1024}
@@ -94,7 +97,7 @@ def predict_bytes(path: str, vocab: int, tokens: int, hidden: int, chunk: int, i
 # ---- measuring (in the worker subprocess) ------------------------------------------------------------------------
 
 
-class Meter:
+class Meter(RunMeter):
     """Peak memory of a region: the CUDA allocator's peak, or on CPU the kernel's peak resident set (VmHWM).
 
     On CPU, writing 5 to /proc/self/clear_refs resets VmHWM to the current resident set; where that is not
@@ -103,21 +106,13 @@ class Meter:
     """
 
     def __init__(self, device: str) -> None:
-        self.device = device
+        super().__init__(device)
         self.method = "cuda.max_memory_allocated" if device == "cuda" else "VmHWM after clear_refs"
         self.inputs_maxrss = 0
 
     def mark_inputs(self) -> None:
         """Call once the inputs exist: the baseline of the ``ru_maxrss`` fallback."""
         self.inputs_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-    @staticmethod
-    def _status(field: str) -> int:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError(f"{field} not in /proc/self/status")
 
     def reset(self) -> int:
         """Start a region; returns the memory in use now, the region's baseline."""
@@ -131,7 +126,7 @@ class Meter:
             try:
                 with open("/proc/self/clear_refs", "w") as f:
                     f.write("5")
-                return self._status("VmRSS:")
+                return self._rss("VmRSS:")
             except OSError:
                 self.method = "ru_maxrss growth"
         return self.inputs_maxrss
@@ -143,7 +138,7 @@ class Meter:
             torch.cuda.synchronize()
             return torch.cuda.max_memory_allocated()
         if self.method.startswith("VmHWM"):
-            return self._status("VmHWM:")
+            return self._rss("VmHWM:")
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     def sync(self) -> None:
