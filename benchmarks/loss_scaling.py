@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -47,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from run import Meter as RunMeter  # noqa: E402  (the step benchmark's memory meter: VmHWM, or CUDA's peak)
+from run import _environment as run_environment  # noqa: E402
 
 PATHS = ("reference", "chunked", "fused")
 WORKLOAD: dict[str, Any] = {"vocabs": [32000, 128000, 256000], "tokens": [4096, 16384], "hidden": 256, "chunk": 1024}
@@ -356,33 +356,12 @@ def run_points(report: dict[str, Any], args: argparse.Namespace, w: dict[str, An
 
 
 def _environment(device: str, threads: int) -> dict[str, Any]:
-    import torch
-
-    env = {
-        "device": device,
-        "threads": threads,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "cpu": _cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "memory_total_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB,
-        "load_average_before": os.getloadavg(),
-    }
-    if device == "cuda":
-        env["gpu"] = torch.cuda.get_device_name()
+    """run.py's machine description (without TRL and Transformers), plus the memory this sweep is sized by."""
+    env = run_environment(device, threads)
+    env.pop("trl", None)
+    env.pop("transformers", None)
+    env["memory_total_gib"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
     return env
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def _fail(message: str) -> None:
