@@ -20,7 +20,7 @@ from hf_kd.errors import check_model_folder, check_source_path, first_line
 from hf_kd.metrics import count_parameters, generation_speed, load_metric, perplexity
 from hf_kd.recipe.args import ConfigError, DataArguments, check_values, load_yaml_config
 from hf_kd.recipe.data import check_columns, load_raw_datasets, tokenize_causal, tokenize_seq2seq
-from hf_kd.recipe.run import _load_config, load_weights, task_of
+from hf_kd.recipe.run import load_model_config, load_weights, task_of
 from hf_kd.teachers.loading import (
     TokenizerMismatchError,
     check_same_tokenizer,
@@ -48,7 +48,7 @@ DATA_OPTIONS = (
 def load_model(key: str, name_or_path: str, dtype: str, device: str, trust_remote_code: bool = False) -> Any:
     """A model with the Auto class its config asks for, in eval mode on ``device``; safetensors weights only
     (:func:`_model_configs` has checked a local folder's weights with :func:`hf_kd.errors.check_model_folder`)."""
-    config = _load_config(key, name_or_path, trust_remote_code, None)
+    config = load_model_config(key, name_or_path, trust_remote_code, None)
     auto = AutoModelForSeq2SeqLM if task_of(config) == "seq2seq" else AutoModelForCausalLM
     model = load_weights(
         key, name_or_path, auto, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
@@ -251,7 +251,7 @@ def _model_configs(models: list[tuple[str, str, str]], trust: bool) -> dict[str,
     for role, key, path in models:
         check_source_path(key, path)
         check_model_folder(key, path, safetensors_only=True)
-        configs[role] = _load_config(key, path, trust, None)
+        configs[role] = load_model_config(key, path, trust, None)
         found, task = task_of(configs[role]), task_of(configs["student"])
         if found != task:
             raise ConfigError(f"{key}={path!r} is {found} but the student is {task}.")

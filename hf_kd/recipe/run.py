@@ -39,7 +39,8 @@ logger = logging.getLogger(__name__)
 TASKS = ("seq2seq", "causal")
 
 
-def _load_config(key: str, name_or_path: str, trust_remote_code: bool, cache_dir: str | None) -> PretrainedConfig:
+def load_model_config(key: str, name_or_path: str, trust_remote_code: bool, cache_dir: str | None) -> PretrainedConfig:
+    """The config of the model ``key`` names; a :class:`~hf_kd.errors.ConfigError` naming ``key`` if it cannot load."""
     try:
         return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, cache_dir=cache_dir)
     except (OSError, ValueError) as err:
@@ -65,7 +66,7 @@ def _student_config(
         key, source = "teacher_model_name_or_path", args.teacher_model_name_or_path
     else:
         raise ConfigError("No student: set student_model_name_or_path or student_config.")
-    return key, source, _load_config(key, source, args.trust_remote_code, cache_dir)
+    return key, source, load_model_config(key, source, args.trust_remote_code, cache_dir)
 
 
 def load_student(model_args: ModelArguments, args: DistillationConfig, cache_dir: str | None = None) -> PreTrainedModel:
@@ -219,7 +220,7 @@ def prepare(
     cache_dir = data_args.cache_dir
     teacher_config = None
     if args.teacher_model_name_or_path is not None:
-        teacher_config = _load_config(
+        teacher_config = load_model_config(
             "teacher_model_name_or_path", args.teacher_model_name_or_path, args.trust_remote_code, cache_dir
         )
     # Cheap checks first (configs, data files, columns), so that a mistake costs no model loading.
