@@ -23,6 +23,7 @@ from hf_kd.losses import DistillationLossOutput
 from hf_kd.losses.topk import TopKRows, check_tail_treatment, sparse_distillation_loss
 from hf_kd.teachers.base import RowRequest, TeacherPass
 from hf_kd.teachers.cache_writer import CACHE_KIND, COMMAND, dataset_hash, tokenizer_hash
+from hf_kd.teachers.loading import output_width
 from hf_kd.teachers.shards import ShardError, load_sharded
 
 PREFIX = "teacher_"
@@ -111,8 +112,7 @@ class CachedTeacher:
                 f"The teacher cache {self.path} was made by a {kinds[self.is_encoder_decoder]} teacher, but the "
                 f"student is {kinds[not self.is_encoder_decoder]}; use a student of the teacher's kind."
             )
-        head = student.get_output_embeddings()
-        width = int(head.weight.shape[0]) if head is not None else int(student.config.vocab_size)
+        width = output_width(student)
         if width < self.vocab_size:
             raise CacheMismatchError(
                 f"The student's output layer has {width} columns but the cache's vocabulary has {self.vocab_size}; "

@@ -40,6 +40,7 @@ from torch import nn
 from hf_kd.errors import ConfigError
 from hf_kd.losses import IGNORE_INDEX, MIN_LOG_PROB, log_probs
 from hf_kd.teachers.ensemble import TeacherEnsemble
+from hf_kd.teachers.loading import output_width
 from hf_kd.teachers.shards import data_files, load_sharded, shard_dir, write_sharded
 
 CACHE_KIND = "hf-kd-teacher-topk-cache"
@@ -393,7 +394,7 @@ def build_teacher_cache(
     """
     is_ed = bool(getattr(teacher.config, "is_encoder_decoder", False))
     check_tokenised(dataset, "the data set", is_encoder_decoder=is_ed)
-    vocab_size = len(tokenizer) if tokenizer is not None else int(teacher.get_output_embeddings().weight.shape[0])
+    vocab_size = len(tokenizer) if tokenizer is not None else output_width(teacher)
     check_cache_settings(k, temperature, tail_samples, batch_size, vocab_size)
     pad = getattr(tokenizer, "pad_token_id", None)
     pad = pad if pad is not None else getattr(teacher.config, "pad_token_id", None) or 0

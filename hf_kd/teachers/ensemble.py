@@ -10,7 +10,6 @@ before its softmax, as a single teacher is cut to the shared vocabulary.
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -20,10 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutput, Seq2SeqLMOutput
 
-
-def _width(model: nn.Module) -> int:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
+from hf_kd.teachers.live import accepts_logits_mask
+from hf_kd.teachers.loading import output_width
 
 
 def check_weights(weights: Sequence[float] | None, count: int) -> list[float]:
@@ -56,19 +53,12 @@ class TeacherEnsemble(nn.Module):
         self.members = nn.ModuleList(teachers)
         self.weights = check_weights(weights, len(teachers))
         self.config = teachers[0].config
-        self.vocab_width = min(_width(t) for t in teachers)
-        self._takes_mask = [self._accepts(t, "logits_to_keep") for t in teachers]
-
-    @staticmethod
-    def _accepts(model: nn.Module, name: str) -> bool:
-        try:
-            return name in inspect.signature(model.forward).parameters
-        except (TypeError, ValueError):
-            return False
+        self.vocab_width = min(output_width(t) for t in teachers)
+        self._takes_mask = [accepts_logits_mask(t) for t in teachers]
 
     def get_output_embeddings(self) -> nn.Module | None:
         """The narrowest member's output layer: the ensemble's logits are as wide as it (width checks read it)."""
-        return min(self.members, key=_width).get_output_embeddings()
+        return min(self.members, key=output_width).get_output_embeddings()
 
     def forward(self, logits_to_keep: Any = None, **inputs: Any) -> CausalLMOutput | Seq2SeqLMOutput:
         """The members' forward passes on the same inputs; ``logits`` are the mixture's log-probabilities."""

@@ -28,7 +28,8 @@ except ImportError:
     _MASKS_SUPPORTED = False
 
 
-def _accepts_logits_mask(model: nn.Module) -> bool:
+def accepts_logits_mask(model: nn.Module) -> bool:
+    """Whether ``model`` (unwrapped from DDP/DeepSpeed) can be given a boolean ``logits_to_keep`` mask."""
     model = getattr(model, "module", model)
     try:
         params = inspect.signature(model.forward).parameters
@@ -55,7 +56,7 @@ def target_logits(
     """
     mask = targets.ne(IGNORE_INDEX)
     with torch.inference_mode():
-        if not is_encoder_decoder and _accepts_logits_mask(model):
+        if not is_encoder_decoder and accepts_logits_mask(model):
             keep = F.pad(mask, (0, 1), value=False)  # the last position predicts nothing
             logits = model(**inputs, logits_to_keep=keep).logits
             if logits.dim() == 2 and logits.shape[0] == int(mask.sum()):

@@ -91,7 +91,18 @@ def check_compatible(student: nn.Module, teacher: nn.Module) -> None:
         )
 
 
-def _output_width(model: nn.Module) -> int:
+def encoder_ids(ids: list[int], eos: int | None, limit: int | None = None) -> list[int]:
+    """An encoder's source ids ending with ``</s>`` once, as T5's and BART's tokenizers end them, also when the
+    tokenizer adds none itself (one trained locally without a post-processor); cut to ``limit`` with the ``</s>``
+    kept."""
+    if eos is None:
+        return ids[:limit]
+    ids = ids[:-1] if ids and ids[-1] == eos else ids
+    return ids[: limit - 1 if limit else None] + [eos]
+
+
+def output_width(model: nn.Module) -> int:
+    """How many logit columns ``model`` produces: its output layer's rows, else ``config.vocab_size``."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None and getattr(head, "weight", None) is not None:
         return int(head.weight.shape[0])
@@ -128,7 +139,7 @@ def shared_vocab_size(
     tokenizers, they must map the same tokens to the same ids; with the student's alone, the teacher is
     taken to share it; with none, the narrower output layer decides.
     """
-    widths = (_output_width(student), _output_width(teacher))
+    widths = (output_width(student), output_width(teacher))
     tokenizer = student_tokenizer if hasattr(student_tokenizer, "get_vocab") else None
     teacher_tok = teacher_tokenizer if hasattr(teacher_tokenizer, "get_vocab") else None
     if tokenizer is not None and teacher_tok is not None:

@@ -29,6 +29,7 @@ from torch import nn
 from hf_kd.errors import ConfigError
 from hf_kd.metrics import rouge
 from hf_kd.teachers.cache_writer import config_hash, dataset_hash, tokenizer_hash, weights_hash
+from hf_kd.teachers.loading import encoder_ids
 from hf_kd.teachers.shards import ShardError, load_sharded, write_sharded
 
 PSEUDO_KIND = "hf-kd-pseudo-labels"
@@ -51,13 +52,6 @@ def word_error_rate(prediction: str, reference: str) -> float:
     return previous[-1] / len(ref)
 
 
-def _end_with(ids: list[int], eos: int | None, limit: int) -> list[int]:
-    """An encoder's source ending with ``</s>``, as it was trained (a tokenizer without a post-processor adds none)."""
-    if eos is None or (ids and ids[-1] == eos):
-        return ids
-    return ids[: limit - 1] + [eos]
-
-
 def generate_batch(teacher: nn.Module, tokenizer: Any, sources: list[str], settings: dict[str, Any]) -> list[str]:
     """The teacher's decoded outputs for ``sources``; causal teachers continue the left-padded prompt."""
     is_ed = bool(getattr(teacher.config, "is_encoder_decoder", False))
@@ -66,7 +60,7 @@ def generate_batch(teacher: nn.Module, tokenizer: Any, sources: list[str], setti
     enc.pop("token_type_ids", None)
     if is_ed:
         enc["input_ids"] = [
-            _end_with(ids, tokenizer.eos_token_id, settings["max_source_length"]) for ids in enc["input_ids"]
+            encoder_ids(ids, tokenizer.eos_token_id, settings["max_source_length"]) for ids in enc["input_ids"]
         ]
         enc["attention_mask"] = [[1] * len(ids) for ids in enc["input_ids"]]
     enc = tokenizer.pad(enc, return_tensors="pt").to(next(teacher.parameters()).device)

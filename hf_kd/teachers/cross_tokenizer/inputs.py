@@ -26,6 +26,7 @@ import torch
 from hf_kd.losses import IGNORE_INDEX
 from hf_kd.teachers.cross_tokenizer.alignment import boundaries, shared_boundaries
 from hf_kd.teachers.cross_tokenizer.vocabulary import adds_prefix_space
+from hf_kd.teachers.loading import encoder_ids
 
 TEACHER_PREFIX = "teacher_"
 ALIGNMENT_KEYS = ("alignment_batch_index", "alignment_student_index", "alignment_teacher_index")
@@ -249,7 +250,8 @@ class CrossTokenizerAligner:
         for b, (source, target) in enumerate(zip(sources, targets, strict=True)):
             student = self._student(target, add_special_tokens=True)
             labels, t_ids = self._example(b, target, source, student, [], True, pairs)
-            source_rows.append(self._source(source))
+            eos = self.student_tokenizer.eos_token_id if self.append_eos else None
+            source_rows.append(encoder_ids(self.student_tokenizer(source)["input_ids"], eos, self.max_length))
             label_rows.append(labels)
             teacher_rows.append(t_ids)
         student_batch = {
@@ -258,16 +260,6 @@ class CrossTokenizerAligner:
             "labels": _pad(label_rows, IGNORE_INDEX),
         }
         return CrossTokenizerBatch(student_batch, self._teacher_batch(teacher_rows), _alignment(pairs))
-
-    def _source(self, text: str) -> list[int]:
-        """An encoder's ids of ``text``, ending with ``</s>`` as T5's and BART's tokenizers end them, also when the
-        tokenizer adds none itself (one trained locally without a post-processor); truncation keeps the ``</s>``."""
-        ids = self.student_tokenizer(text)["input_ids"]
-        eos = self.student_tokenizer.eos_token_id
-        if not self.append_eos or eos is None:
-            return ids[: self.max_length]
-        ids = ids[:-1] if ids and ids[-1] == eos else ids
-        return ids[: self.max_length - 1 if self.max_length else None] + [eos]
 
     def _teacher_batch(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
         return {"input_ids": _pad(rows, _pad_id(self.teacher_tokenizer)), "attention_mask": _mask(rows)}
