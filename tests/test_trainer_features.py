@@ -184,7 +184,7 @@ def test_trust_remote_code_is_off_unless_asked(tmp_path, tokenizer, monkeypatch)
     teacher_module.load_teacher(str(folder), config(tmp_path))
     assert calls and not any(calls)
     calls.clear()
-    teacher_module.load_teacher(str(folder), config(tmp_path, trust_remote_code=True))
+    teacher_module.load_teacher(str(folder), config(tmp_path, teacher_trust_remote_code=True))
     assert calls[0] is True
 
 
