@@ -61,9 +61,10 @@ from hf_kd.teachers.loading import (
 )
 
 # What _accumulate sums between two logs, per mode: divergence, cross-entropy and top-1 agreement over target
-# tokens, the target tokens, the hidden-state loss over the batches that had one, and the target tokens that had
-# a teacher (all of them, but for a cache-trained student's evaluation rows without a cache).
-_SUMS = ("kd", "ce", "tokens", "agreement", "hidden", "hidden_batches", "teacher_tokens")
+# tokens, the target tokens, the hidden-state loss over the batches that had one, the target tokens that had
+# a teacher (all of them, but for a cache-trained student's evaluation rows without a cache), and (evaluation only)
+# the distillation objective over those tokens.
+_SUMS = ("kd", "ce", "tokens", "agreement", "hidden", "hidden_batches", "teacher_tokens", "objective")
 
 _LIVE = "needs a live teacher: it cannot be used with teacher_cache."
 _OTHER_TOKENS = "is not supported with cross_tokenizer (the models read different tokens)."
@@ -90,6 +91,34 @@ REFUSALS: tuple[tuple[str, str, str], ...] = (
     ("teacher ensemble", "hidden_state_loss_weight > 0", f"hidden_state_loss_weight > 0 {_ONE_TEACHER}"),
     ("teacher ensemble", "teacher_reuses_student_encoder", f"teacher_reuses_student_encoder {_ONE_TEACHER}"),
 )  # fmt: skip
+
+
+# How the warnings name what Accelerate runs: words, not the enum's raw value ("NO", "MULTI_CPU"). By name, so
+# that an Accelerate without one of these members still imports.
+_ENGINES = {
+    "MULTI_CPU": "DDP over gloo between CPU processes",
+    "MULTI_GPU": "DDP on GPUs",
+    "MULTI_NPU": "DDP on Ascend NPUs",
+    "MULTI_MLU": "DDP on Cambricon MLUs",
+    "MULTI_SDAA": "DDP on SDAA devices",
+    "MULTI_MUSA": "DDP on Moore Threads GPUs (MUSA)",
+    "MULTI_XPU": "DDP on Intel XPUs",
+    "MULTI_HPU": "DDP on Intel Gaudi HPUs",
+    "MULTI_NEURON": "DDP on AWS Neuron cores",
+    "DEEPSPEED": "DeepSpeed",
+    "FSDP": "FSDP",
+    "XLA": "XLA (TPU)",
+    "MEGATRON_LM": "Megatron-LM",
+}
+
+
+def engine_in_words(distributed_type: DistributedType, processes: int) -> str:
+    """What Accelerate runs, for a warning: "one process, without distributed training", "DDP on GPUs with 4
+    processes"."""
+    if distributed_type == DistributedType.NO:
+        return "one process, without distributed training"
+    name = _ENGINES.get(distributed_type.name) or distributed_type.name.replace("_", " ").lower()
+    return f"{name} with {processes} process{'es' if processes != 1 else ''}"
 
 
 def check_refusals(in_use: set[str]) -> None:
@@ -305,8 +334,7 @@ class DistillationTrainer(Seq2SeqTrainer):
         """
         if not self.is_local_process_zero():  # once per machine; processes that run alone are each their own zero
             return
-        running = self.accelerator.num_processes
-        engine = f"{self.accelerator.distributed_type.value} with {running} process{'es' if running > 1 else ''}"
+        engine = engine_in_words(self.accelerator.distributed_type, self.accelerator.num_processes)
         self._warn_processes_not_joined(engine)
         self._warn_fsdp_off(engine)
 
@@ -402,6 +430,10 @@ class DistillationTrainer(Seq2SeqTrainer):
             scale = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
             loss = loss + self.args.hidden_state_loss_weight * hidden / scale
         self._accumulate("train" if model.training else "eval", result, hidden)
+        if not model.training:
+            # What a Trainer reports for this student: its mean cross-entropy on the batch's labels. The objective
+            # is reported on its own, as eval_distillation_loss (docs/losses.md, "What eval_loss is").
+            loss = result.ce_sum / result.num_tokens if result.num_tokens else result.ce_sum.new_tensor(float("nan"))
         return (loss, outputs) if return_outputs else loss
 
     def _targets(self, inputs: dict[str, Any]) -> torch.Tensor:
@@ -413,7 +445,7 @@ class DistillationTrainer(Seq2SeqTrainer):
                 raise ValueError(_missing_labels_message(self.args.alpha))
             if self.is_encoder_decoder:
                 raise ValueError("An encoder-decoder student needs `labels` (the decoder targets) in each batch.")
-            labels = inputs["input_ids"].masked_fill(inputs["attention_mask"].eq(0), IGNORE_INDEX)
+            labels = _text_labels(inputs)
         if self.is_encoder_decoder:
             return labels
         return torch.nn.functional.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
@@ -546,9 +578,16 @@ class DistillationTrainer(Seq2SeqTrainer):
         ignore_keys: list[str] | None = None,
         **gen_kwargs: Any,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        if "labels" not in inputs and not self.is_encoder_decoder and "input_ids" in inputs:
+            # A causal batch without labels (alpha = 0) is distilled on its next tokens: score those, as a Trainer
+            # with DataCollatorForLanguageModeling would, rather than report no loss. compute_metrics gets no labels.
+            loss, predictions, _ = self.prediction_step(
+                model, {**inputs, "labels": _text_labels(inputs)}, prediction_loss_only, ignore_keys, **gen_kwargs
+            )
+            return loss, predictions, None
         if not self.args.predict_with_generate or prediction_loss_only or "labels" not in inputs:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs)
-        # Seq2SeqTrainer reports the student's own CE when generating; report the distillation loss instead.
+        # compute_loss, not Seq2SeqTrainer's plain forward: the same CE, and the objective counted for its metric.
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, self._prepare_inputs(inputs)).detach()
         plain = self.teacher_source.student_inputs(inputs)
@@ -587,6 +626,8 @@ class DistillationTrainer(Seq2SeqTrainer):
         batch += [result.agreement if has_teacher else zero]
         batch += [hidden.detach(), zero + 1] if hidden is not None else [zero, zero]
         batch += [tokens if has_teacher else zero]
+        # In evaluation result.loss is the batch's mean objective over its tokens (training divides by the step's).
+        batch += [result.loss.detach() * tokens if has_teacher and mode == "eval" and result.num_tokens else zero]
         sums += torch.stack([value.to(sums.dtype) for value in batch])
 
     def _drain_metrics(self, mode: str, prefix: str = "") -> dict[str, float]:
@@ -595,12 +636,14 @@ class DistillationTrainer(Seq2SeqTrainer):
         if self.args.world_size > 1:
             sums = self.accelerator.reduce(sums.to(self.args.device), reduction="sum")
         self._kd_sums[mode].zero_()
-        kd, ce, tokens, agree, hidden, hidden_batches, teacher_tokens = sums.tolist()
+        kd, ce, tokens, agree, hidden, hidden_batches, teacher_tokens, objective = sums.tolist()
         if tokens == 0:
             return {}
         metrics = {"ce_loss": ce / tokens}
         if teacher_tokens:
             metrics.update(kd_loss=kd / teacher_tokens, teacher_agreement=agree / teacher_tokens)
+            if mode == "eval":  # training logs the objective as `loss`
+                metrics["distillation_loss"] = objective / teacher_tokens
         if hidden_batches:
             metrics["hidden_loss"] = hidden / hidden_batches
         return {f"{prefix}{k}": round(v, 6) for k, v in metrics.items()}
@@ -676,6 +719,13 @@ def _model_name(model: nn.Module) -> str:
 
 
 _ENSEMBLE_FIX = "The teachers of an ensemble must share one tokenizer (and the student's)."
+
+
+def _text_labels(inputs: dict[str, Any]) -> torch.Tensor:
+    """A causal batch's own tokens as its labels (unshifted), padding ignored: what DataCollatorForLanguageModeling
+    makes."""
+    mask = inputs.get("attention_mask")
+    return inputs["input_ids"] if mask is None else inputs["input_ids"].masked_fill(mask.eq(0), IGNORE_INDEX)
 
 
 def _missing_labels_message(alpha: float) -> str:
