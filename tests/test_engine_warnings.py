@@ -45,7 +45,10 @@ def test_processes_launched_but_not_joined_warn_once(tmp_path, monkeypatch, capl
     with caplog.at_level(logging.WARNING):
         trainer = _trainer(tmp_path, use_cpu=False)
     [message] = _warnings(caplog)
-    assert "2 processes were launched (WORLD_SIZE=2), but Accelerate runs one process, without distributed training: each process" in message
+    assert (
+        "2 processes were launched (WORLD_SIZE=2), but Accelerate runs one process, without distributed "
+        "training: each process" in message
+    )
     assert "each process trains alone, on all the data" in message
     if trainer.args.device.type == "cpu":
         assert "Accelerate forms a process group (gloo) only with use_cpu=True" in message
@@ -56,7 +59,10 @@ def test_fsdp_asked_but_not_active_warns_once(tmp_path, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING):
         _trainer(tmp_path)
     [message] = _warnings(caplog)
-    assert "FSDP was asked for (ACCELERATE_USE_FSDP=true), but Accelerate runs one process, without distributed training: the" in message
+    assert (
+        "FSDP was asked for (ACCELERATE_USE_FSDP=true), but Accelerate runs one process, without distributed "
+        "training: the" in message
+    )
     assert "the student is not sharded, it is held whole" in message
     assert "not for a CPU process group (use_cpu=True)" in message
 
@@ -72,7 +78,10 @@ def test_fsdp_on_a_cpu_process_group_warns_that_ddp_runs(tmp_path, monkeypatch, 
     with caplog.at_level(logging.WARNING):
         trainer._warn_engine_fallback()
     [message] = _warnings(caplog)
-    assert "FSDP was asked for (fsdp=True), but Accelerate runs DDP over gloo between CPU processes with 2 processes: the" in message
+    assert (
+        "FSDP was asked for (fsdp=True), but Accelerate runs DDP over gloo between CPU processes with 2 "
+        "processes: the" in message
+    )
     assert "the student is not sharded, every process holds all of it, as in DDP" in message
 
 
