@@ -585,7 +585,7 @@ class DistillationTrainer(Seq2SeqTrainer):
         ignore_keys: list[str] | None = None,
         **gen_kwargs: Any,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        if "labels" not in inputs and not self.is_encoder_decoder and "input_ids" in inputs:
+        if inputs.get("labels") is None and not self.is_encoder_decoder and "input_ids" in inputs:
             # A causal batch without labels (alpha = 0) is distilled on its next tokens: score those, as a Trainer
             # with DataCollatorForLanguageModeling would, rather than report no loss. compute_metrics gets no labels.
             loss, predictions, _ = self.prediction_step(
@@ -693,19 +693,21 @@ class DistillationTrainer(Seq2SeqTrainer):
             return
         where = "" if counted_everywhere else f" on process {self.args.process_index}"
         found, said = self._empty_steps, self._empty_steps_said
-        if found and not said:
+        if not found or said and not (finished and len(found) > said):
+            return
+        self._empty_steps_said = len(found)
+        if not said:
             logger.warning(
                 "Optimizer %s had no target token%s: every label of its batches is -100, so its loss is 0 and "
                 "nothing is learned from it (zero gradient). Check that targets survive truncation (a source or "
                 "prompt longer than the maximum length leaves no target; max_target_length / block_size) and that "
                 "the collator does not mask every label.", _steps_text(found), where,
             )  # fmt: skip
-        elif finished and len(found) > said:
+        else:
             logger.warning(
                 "In all, %d optimizer steps had no target token%s (see the warning above): %s.",
                 len(found), where, _steps_text(found),
             )  # fmt: skip
-        self._empty_steps_said = len(found)
 
     # ---- model card -----------------------------------------------------------------------------------
 

@@ -190,18 +190,18 @@ def _clm_argv(models, files, output_dir, *extra):
 
 
 def _model_eval_loss(student_dir, eval_dataset, batch_size=3) -> float:
-    """The saved student's own loss on each evaluation batch, averaged over rows as the Trainer averages batches.
+    """The saved student's own loss on each evaluation batch, averaged over batches as the Trainer does.
 
     Not a plain Trainer's eval_loss: transformers 5.25's divides a causal LM's summed loss by the unshifted label
     count when the model's loss_type is unset (GPT-2's is), which reports (n - 1) / n of the mean CE on n-token rows.
     """
     model = AutoModelForCausalLM.from_pretrained(student_dir).eval()
-    total = 0.0
+    losses = []
     with torch.no_grad():
         for start in range(0, len(eval_dataset), batch_size):
             rows = [eval_dataset[i] for i in range(start, min(start + batch_size, len(eval_dataset)))]
-            total += model(**default_data_collator(rows)).loss.item() * len(rows)
-    return total / len(eval_dataset)
+            losses.append(model(**default_data_collator(rows)).loss.item())
+    return sum(losses) / len(losses)
 
 
 def test_clm_example_prints_the_students_true_perplexity(models, files, tmp_path):
