@@ -51,9 +51,9 @@ def _accept_old_trust_remote_code(cls: type) -> type:
 
 
 TRUST_REMOTE_CODE_RENAMED = (
-    "DistillationConfig's trust_remote_code is now named teacher_trust_remote_code (it only ever applied to the "
-    "teacher; the old name collided with the trust_remote_code of training scripts' ModelArguments). The old name "
-    "still works for now; set teacher_trust_remote_code instead."
+    "DistillationConfig(trust_remote_code=...) is now teacher_trust_remote_code: it is the teacher's option, and "
+    "the old name collided with the trust_remote_code of training scripts' own ModelArguments (the Transformers "
+    "examples have one, for the student). The old name still works for now; set teacher_trust_remote_code instead."
 )
 
 
