@@ -104,17 +104,27 @@ def distillation_section(
 
 
 def card_metrics(log_history: list[dict[str, Any]], extra: dict[str, float] | None = None) -> dict[str, float]:
-    """The last evaluation's ``eval_*`` and ``test_*`` metrics in ``log_history``, then ``extra`` (which wins).
+    """Every metric the run's evaluations and predictions measured, then ``extra`` (which wins).
 
-    Timings (runtime, per-second rates) are left out: they describe the machine, not the model.
+    An evaluation's log is known by its ``<prefix>_runtime`` key, so any ``metric_key_prefix`` counts (``eval_``,
+    ``eval_<name>_`` for several eval sets, ``test_``, ``predict_`` ...); a log without one counts by the prefixes
+    ``eval_``, ``test_`` and ``predict_``. Per prefix, the last log's metrics. Timings (runtime, per-second rates,
+    preparation and compilation times) are left out: they describe the machine, not the model.
     """
-    metrics: dict[str, float] = {}
-    for prefix in ("eval_", "test_"):
-        logs = [log for log in log_history if any(k.startswith(prefix) for k in log)]
-        if logs:
-            metrics.update({k: v for k, v in logs[-1].items() if k.startswith(prefix)})
+    by_prefix: dict[str, dict[str, float]] = {}
+    for log in log_history:
+        prefixes = [key[: -len("runtime")] for key in log if key.endswith("_runtime") and key != "train_runtime"]
+        prefixes = prefixes or [p for p in _KNOWN_PREFIXES if any(key.startswith(p) for key in log)]
+        for prefix in prefixes:
+            by_prefix.pop(prefix, None)  # re-inserted: a prefix measured again moves to the end, in run order
+            by_prefix[prefix] = {k: v for k, v in log.items() if k.startswith(prefix)}
+    metrics = {k: v for measured in by_prefix.values() for k, v in measured.items()}
     metrics.update(extra or {})
-    return {k: v for k, v in metrics.items() if "runtime" not in k and not k.endswith("_per_second")}
+    return {k: v for k, v in metrics.items() if not k.endswith(_TIMINGS)}
+
+
+_KNOWN_PREFIXES = ("eval_", "test_", "predict_")
+_TIMINGS = ("_runtime", "_per_second", "_model_preparation_time", "_jit_compilation_time")
 
 
 def insert_section(card: str, section: str) -> str:

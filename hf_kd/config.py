@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +16,48 @@ from hf_kd.losses.topk import TAIL_TREATMENTS
 from hf_kd.student.hidden import HIDDEN_LOSSES
 
 
+def _accept_old_trust_remote_code(cls: type) -> type:
+    """Keep ``DistillationConfig(trust_remote_code=...)`` and ``args.trust_remote_code`` working, with a warning.
+
+    Not a field (nor an ``InitVar`` default, which would sit on the class as a plain value): a field named
+    ``trust_remote_code`` collides with the one in the ``ModelArguments`` of the Transformers example scripts when
+    both are parsed by one ``HfArgumentParser``. A keyword of ``__init__`` and a property are invisible to it.
+    """
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args: Any, trust_remote_code: bool | None = None, **kwargs: Any) -> None:  # noqa: N807
+        if trust_remote_code is not None:
+            warnings.warn(TRUST_REMOTE_CODE_RENAMED, FutureWarning, stacklevel=2)
+            given = kwargs.setdefault("teacher_trust_remote_code", bool(trust_remote_code))
+            if given != bool(trust_remote_code):
+                raise ValueError(
+                    f"trust_remote_code={trust_remote_code} and teacher_trust_remote_code={given} disagree: set "
+                    "teacher_trust_remote_code only (trust_remote_code is its old name)."
+                )
+        init(self, *args, **kwargs)
+
+    def read(self: Any) -> bool:
+        warnings.warn(TRUST_REMOTE_CODE_RENAMED, FutureWarning, stacklevel=2)
+        return self.teacher_trust_remote_code
+
+    def write(self: Any, value: bool) -> None:
+        warnings.warn(TRUST_REMOTE_CODE_RENAMED, FutureWarning, stacklevel=2)
+        self.teacher_trust_remote_code = bool(value)
+
+    cls.__init__ = __init__
+    cls.trust_remote_code = property(read, write, doc="Deprecated name of teacher_trust_remote_code.")
+    return cls
+
+
+TRUST_REMOTE_CODE_RENAMED = (
+    "DistillationConfig(trust_remote_code=...) is now teacher_trust_remote_code: it is the teacher's option, and "
+    "the old name collided with the trust_remote_code of training scripts' own ModelArguments (the Transformers "
+    "examples have one, for the student). The old name still works for now; set teacher_trust_remote_code instead."
+)
+
+
+@_accept_old_trust_remote_code
 @dataclass
 class DistillationConfig(Seq2SeqTrainingArguments):
     """Arguments for :class:`hf_kd.DistillationTrainer`.
@@ -61,11 +105,12 @@ class DistillationConfig(Seq2SeqTrainingArguments):
             "as a dict or a JSON string."
         },
     )
-    trust_remote_code: bool = field(
+    teacher_trust_remote_code: bool = field(
         default=False,
         metadata={
-            "help": "Passed to `from_pretrained` for the teacher (and by the recipes for the student). hf_kd never "
-            "turns it on by itself: only enable it for repositories whose code you have read."
+            "help": "Passed to `from_pretrained` for the teacher (its config, weights and tokenizer). hf_kd never "
+            "turns it on by itself: only enable it for repositories whose code you have read. (Named for the "
+            "teacher so that it never collides with a script's own `trust_remote_code` for the student.)"
         },
     )
     loss: str = field(

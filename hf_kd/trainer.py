@@ -8,6 +8,7 @@ cannot be combined is one table, :data:`REFUSALS`, checked once when the trainer
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 from typing import Any
@@ -61,9 +62,10 @@ from hf_kd.teachers.loading import (
 )
 
 # What _accumulate sums between two logs, per mode: divergence, cross-entropy and top-1 agreement over target
-# tokens, the target tokens, the hidden-state loss over the batches that had one, and the target tokens that had
-# a teacher (all of them, but for a cache-trained student's evaluation rows without a cache).
-_SUMS = ("kd", "ce", "tokens", "agreement", "hidden", "hidden_batches", "teacher_tokens")
+# tokens, the target tokens, the hidden-state loss over the batches that had one, the target tokens that had
+# a teacher (all of them, but for a cache-trained student's evaluation rows without a cache), and (evaluation only)
+# the distillation objective over those tokens.
+_SUMS = ("kd", "ce", "tokens", "agreement", "hidden", "hidden_batches", "teacher_tokens", "objective")
 
 _LIVE = "needs a live teacher: it cannot be used with teacher_cache."
 _OTHER_TOKENS = "is not supported with cross_tokenizer (the models read different tokens)."
@@ -90,6 +92,34 @@ REFUSALS: tuple[tuple[str, str, str], ...] = (
     ("teacher ensemble", "hidden_state_loss_weight > 0", f"hidden_state_loss_weight > 0 {_ONE_TEACHER}"),
     ("teacher ensemble", "teacher_reuses_student_encoder", f"teacher_reuses_student_encoder {_ONE_TEACHER}"),
 )  # fmt: skip
+
+
+# How the warnings name what Accelerate runs: words, not the enum's raw value ("NO", "MULTI_CPU"). By name, so
+# that an Accelerate without one of these members still imports.
+_ENGINES = {
+    "MULTI_CPU": "DDP over gloo between CPU processes",
+    "MULTI_GPU": "DDP on GPUs",
+    "MULTI_NPU": "DDP on Ascend NPUs",
+    "MULTI_MLU": "DDP on Cambricon MLUs",
+    "MULTI_SDAA": "DDP on SDAA devices",
+    "MULTI_MUSA": "DDP on Moore Threads GPUs (MUSA)",
+    "MULTI_XPU": "DDP on Intel XPUs",
+    "MULTI_HPU": "DDP on Intel Gaudi HPUs",
+    "MULTI_NEURON": "DDP on AWS Neuron cores",
+    "DEEPSPEED": "DeepSpeed",
+    "FSDP": "FSDP",
+    "XLA": "XLA (TPU)",
+    "MEGATRON_LM": "Megatron-LM",
+}
+
+
+def engine_in_words(distributed_type: DistributedType, processes: int) -> str:
+    """What Accelerate runs, for a warning: "one process, without distributed training", "DDP on GPUs with 4
+    processes"."""
+    if distributed_type == DistributedType.NO:
+        return "one process, without distributed training"
+    name = _ENGINES.get(distributed_type.name) or distributed_type.name.replace("_", " ").lower()
+    return f"{name} with {processes} process{'es' if processes != 1 else ''}"
 
 
 def check_refusals(in_use: set[str]) -> None:
@@ -189,6 +219,11 @@ class DistillationTrainer(Seq2SeqTrainer):
         # Have the Trainer count target tokens over accumulated micro-batches and pass num_items_in_batch.
         self.model_accepts_loss_kwargs = True
         self._kd_sums = {mode: torch.zeros(len(_SUMS), dtype=self._sum_dtype) for mode in ("train", "eval")}
+        self._step_target_counts: list[tuple[int, torch.Tensor]] = []  # (step, its target tokens) since the last log
+        self._empty_steps: list[int] = []  # optimizer steps without a target token, and how many were warned of
+        self._empty_steps_said = 0
+        self._prediction_metrics: dict[str, float] = {}  # what predict() measured: the Trainer does not log it
+        self._batch_ce: torch.Tensor | None = None  # the student's mean CE on the batch compute_loss last evaluated
         self.loss_settings = LossSettings.from_config(args)
         if args.fuse_output_layer:
             output_layer(model)  # raises UnfusableModelError for a model whose logits it cannot reproduce
@@ -305,8 +340,7 @@ class DistillationTrainer(Seq2SeqTrainer):
         """
         if not self.is_local_process_zero():  # once per machine; processes that run alone are each their own zero
             return
-        running = self.accelerator.num_processes
-        engine = f"{self.accelerator.distributed_type.value} with {running} process{'es' if running > 1 else ''}"
+        engine = engine_in_words(self.accelerator.distributed_type, self.accelerator.num_processes)
         self._warn_processes_not_joined(engine)
         self._warn_fsdp_off(engine)
 
@@ -402,6 +436,9 @@ class DistillationTrainer(Seq2SeqTrainer):
             scale = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
             loss = loss + self.args.hidden_state_loss_weight * hidden / scale
         self._accumulate("train" if model.training else "eval", result, hidden)
+        if not model.training:  # what prediction_step reports as the eval loss (nan without targets, as a Trainer's)
+            tokens = result.num_tokens or math.nan
+            self._batch_ce = result.ce_sum / tokens
         return (loss, outputs) if return_outputs else loss
 
     def _targets(self, inputs: dict[str, Any]) -> torch.Tensor:
@@ -413,7 +450,7 @@ class DistillationTrainer(Seq2SeqTrainer):
                 raise ValueError(_missing_labels_message(self.args.alpha))
             if self.is_encoder_decoder:
                 raise ValueError("An encoder-decoder student needs `labels` (the decoder targets) in each batch.")
-            labels = inputs["input_ids"].masked_fill(inputs["attention_mask"].eq(0), IGNORE_INDEX)
+            labels = _text_labels(inputs)
         if self.is_encoder_decoder:
             return labels
         return torch.nn.functional.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
@@ -454,6 +491,8 @@ class DistillationTrainer(Seq2SeqTrainer):
         count = sum(self._targets(batch).ne(IGNORE_INDEX).sum() for batch in batch_samples).to(device)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             count = self.accelerator.gather(count).sum()
+        # Checked at the next log, which syncs with the device anyway: no host sync per step here.
+        self._step_target_counts.append((self.state.global_step + 1, count.detach()))
         return batch_samples, count
 
     def _target_writer(self) -> nn.Module | None:
@@ -546,16 +585,28 @@ class DistillationTrainer(Seq2SeqTrainer):
         ignore_keys: list[str] | None = None,
         **gen_kwargs: Any,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        if inputs.get("labels") is None and not self.is_encoder_decoder and "input_ids" in inputs:
+            # A causal batch without labels (alpha = 0) is distilled on its next tokens: score those, as a Trainer
+            # with DataCollatorForLanguageModeling would, rather than report no loss. compute_metrics gets no labels.
+            loss, predictions, _ = self.prediction_step(
+                model, {**inputs, "labels": _text_labels(inputs)}, prediction_loss_only, ignore_keys, **gen_kwargs
+            )
+            return loss, predictions, None
+        self._batch_ce = None  # set by compute_loss, when this batch is scored
         if not self.args.predict_with_generate or prediction_loss_only or "labels" not in inputs:
-            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs)
-        # Seq2SeqTrainer reports the student's own CE when generating; report the distillation loss instead.
-        with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, self._prepare_inputs(inputs)).detach()
-        plain = self.teacher_source.student_inputs(inputs)
-        _, generated, labels = super().prediction_step(
-            model, plain, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs
-        )
-        return loss, generated, labels
+            loss, predictions, labels = super().prediction_step(
+                model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs
+            )
+        else:  # compute_loss, which counts the objective for its metric; then the student generates
+            with torch.no_grad(), self.compute_loss_context_manager():
+                self.compute_loss(model, self._prepare_inputs(inputs))
+            plain = self.teacher_source.student_inputs(inputs)
+            loss, predictions, labels = super().prediction_step(
+                model, plain, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs
+            )
+        # eval_loss is the student's mean CE on the batch's labels, what a Trainer reports for this student; the
+        # objective compute_loss returned is reported as eval_distillation_loss (docs/losses.md, "eval_loss").
+        return (loss if self._batch_ce is None else self._batch_ce), predictions, labels
 
     def evaluation_loop(
         self,
@@ -568,6 +619,17 @@ class DistillationTrainer(Seq2SeqTrainer):
         self._kd_sums["eval"].zero_()
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         output.metrics.update(self._drain_metrics("eval", prefix=f"{metric_key_prefix}_"))
+        return output
+
+    def predict(
+        self,
+        test_dataset: Any,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "test",
+        **gen_kwargs: Any,
+    ) -> Any:
+        output = super().predict(test_dataset, ignore_keys, metric_key_prefix, **gen_kwargs)
+        self._prediction_metrics.update(output.metrics)  # for the model card
         return output
 
     # ---- logging --------------------------------------------------------------------------------------
@@ -587,6 +649,8 @@ class DistillationTrainer(Seq2SeqTrainer):
         batch += [result.agreement if has_teacher else zero]
         batch += [hidden.detach(), zero + 1] if hidden is not None else [zero, zero]
         batch += [tokens if has_teacher else zero]
+        # In evaluation result.loss is the batch's mean objective over its tokens (training divides by the step's).
+        batch += [result.loss.detach() * tokens if has_teacher and mode == "eval" and result.num_tokens else zero]
         sums += torch.stack([value.to(sums.dtype) for value in batch])
 
     def _drain_metrics(self, mode: str, prefix: str = "") -> dict[str, float]:
@@ -595,12 +659,14 @@ class DistillationTrainer(Seq2SeqTrainer):
         if self.args.world_size > 1:
             sums = self.accelerator.reduce(sums.to(self.args.device), reduction="sum")
         self._kd_sums[mode].zero_()
-        kd, ce, tokens, agree, hidden, hidden_batches, teacher_tokens = sums.tolist()
+        kd, ce, tokens, agree, hidden, hidden_batches, teacher_tokens, objective = sums.tolist()
         if tokens == 0:
             return {}
         metrics = {"ce_loss": ce / tokens}
         if teacher_tokens:
             metrics.update(kd_loss=kd / teacher_tokens, teacher_agreement=agree / teacher_tokens)
+            if mode == "eval":  # training logs the objective as `loss`
+                metrics["distillation_loss"] = objective / teacher_tokens
         if hidden_batches:
             metrics["hidden_loss"] = hidden / hidden_batches
         return {f"{prefix}{k}": round(v, 6) for k, v in metrics.items()}
@@ -608,7 +674,40 @@ class DistillationTrainer(Seq2SeqTrainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log; evaluation metrics are added in evaluation_loop
             logs = {**logs, **self._drain_metrics("train")}
+        self._warn_steps_without_targets(finished="train_runtime" in logs)
         super().log(logs, start_time)
+
+    def _warn_steps_without_targets(self, finished: bool) -> None:
+        """Say which optimizer steps had no target token at all (every label -100, on every process): they learn
+        nothing, and nothing else would say so. Once when first seen, and once more at the end if more came.
+
+        Per step, not per micro-batch: an all-ignored micro-batch in a step whose others have targets is fine.
+        """
+        if self._step_target_counts:
+            steps, counts = zip(*self._step_target_counts, strict=True)
+            self._step_target_counts.clear()
+            empty = torch.stack([c.reshape(()) for c in counts]).eq(0).tolist()
+            self._empty_steps += [step for step, none in zip(steps, empty, strict=True) if none]
+        counted_everywhere = self.args.average_tokens_across_devices or self.args.world_size == 1
+        if counted_everywhere and not self.is_world_process_zero():
+            return
+        where = "" if counted_everywhere else f" on process {self.args.process_index}"
+        found, said = self._empty_steps, self._empty_steps_said
+        if not found or said and not (finished and len(found) > said):
+            return
+        self._empty_steps_said = len(found)
+        if not said:
+            logger.warning(
+                "Optimizer %s had no target token%s: every label of its batches is -100, so its loss is 0 and "
+                "nothing is learned from it (zero gradient). Check that targets survive truncation (a source or "
+                "prompt longer than the maximum length leaves no target; max_target_length / block_size) and that "
+                "the collator does not mask every label.", _steps_text(found), where,
+            )  # fmt: skip
+        else:
+            logger.warning(
+                "In all, %d optimizer steps had no target token%s (see the warning above): %s.",
+                len(found), where, _steps_text(found),
+            )  # fmt: skip
 
     # ---- model card -----------------------------------------------------------------------------------
 
@@ -629,8 +728,9 @@ class DistillationTrainer(Seq2SeqTrainer):
 
         ``base_model`` is the Hub checkpoint the student started from, or else the teacher when it is on the Hub;
         a local teacher folder is named in the card's text only, by its folder name: no card holds a local path.
-        The card lists the last ``eval_*`` and ``test_*`` metrics logged, and ``metrics`` (e.g. test metrics
-        measured outside the Trainer).
+        The card lists every metric the run's evaluations and predictions measured (under any
+        ``metric_key_prefix``: ``eval_``, ``test_``, ``predict_`` ...), the last value of each, and ``metrics``
+        (e.g. test metrics measured outside the Trainer).
         """
         if not self.is_world_process_zero():
             return
@@ -659,7 +759,7 @@ class DistillationTrainer(Seq2SeqTrainer):
         path = os.path.join(self.args.output_dir, "README.md")
         with open(path, encoding="utf-8") as f:
             card = f.read()
-        metrics = card_metrics(self.state.log_history, metrics)
+        metrics = card_metrics(self.state.log_history, {**self._prediction_metrics, **(metrics or {})})
         section = distillation_section(teacher=self.teacher_name, args=self.args, dataset=datasets, metrics=metrics)
         if finetuned_from and finetuned_from == public_name(self.teacher_name):
             card = card.replace("is a fine-tuned version of", "was distilled from")
@@ -676,6 +776,19 @@ def _model_name(model: nn.Module) -> str:
 
 
 _ENSEMBLE_FIX = "The teachers of an ensemble must share one tokenizer (and the student's)."
+
+
+def _steps_text(steps: list[int], shown: int = 10) -> str:
+    """E.g. "step 3", "steps 3, 7 and 2 more"."""
+    listed = ", ".join(map(str, steps[:shown])) + (f" and {len(steps) - shown} more" if len(steps) > shown else "")
+    return f"step{'s' if len(steps) > 1 else ''} {listed}"
+
+
+def _text_labels(inputs: dict[str, Any]) -> torch.Tensor:
+    """A causal batch's own tokens as its labels (unshifted), padding ignored: what DataCollatorForLanguageModeling
+    makes."""
+    mask = inputs.get("attention_mask")
+    return inputs["input_ids"] if mask is None else inputs["input_ids"].masked_fill(mask.eq(0), IGNORE_INDEX)
 
 
 def _missing_labels_message(alpha: float) -> str:

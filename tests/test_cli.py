@@ -179,14 +179,17 @@ def test_distill_end_to_end_saves_a_trained_student(capsys, tmp_path, models, lm
     tokenizer = AutoTokenizer.from_pretrained(output_dir)
     assert not torch.equal(student.transformer.wte.weight, initial.transformer.wte.weight)
 
-    # The reported eval loss (one batch of 4 rows) is the distillation loss of the saved student, recomputed.
+    # The reported objective (one batch of 4 rows) is the distillation loss of the saved student, recomputed; the
+    # eval loss is its CE on the labels (alpha = 1).
     texts = [json.loads(line)["text"] for line in open(lm_files["validation"])]
     eval_results = json.loads((output_dir / "eval_results.json").read_text())
     expected = reference_kd_loss(student.eval(), teacher.eval(), tokenizer, texts, temperature=2.0, alpha=0.3)
-    assert eval_results["eval_loss"] == pytest.approx(expected, rel=1e-4)
-    assert eval_results["eval_loss"] != pytest.approx(
+    assert eval_results["eval_distillation_loss"] == pytest.approx(expected, rel=1e-4)
+    assert eval_results["eval_distillation_loss"] != pytest.approx(
         reference_kd_loss(initial.eval(), teacher.eval(), tokenizer, texts, 2.0, 0.3), rel=1e-4
     )
+    ce = reference_kd_loss(student.eval(), teacher.eval(), tokenizer, texts, temperature=2.0, alpha=1.0)
+    assert eval_results["eval_loss"] == pytest.approx(ce, rel=1e-4)
 
 
 # ---- evaluate ------------------------------------------------------------------------------------------------

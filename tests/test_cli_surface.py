@@ -235,8 +235,9 @@ def test_recipe_tokenizer_skips_a_student_folder_without_tokenizer_files(tmp_pat
     model_args = SimpleNamespace(
         tokenizer_name_or_path=None,
         student_model_name_or_path=without_tokenizer(models["gpt2"]["student"], tmp_path / "bare"),
+        trust_remote_code=False,
     )
-    args = SimpleNamespace(trust_remote_code=False, teacher_model_name_or_path=models["gpt2"]["teacher"])
+    args = SimpleNamespace(teacher_trust_remote_code=False, teacher_model_name_or_path=models["gpt2"]["teacher"])
     assert load_tokenizer(model_args, args).get_vocab() == make_tokenizer().get_vocab()
 
 

@@ -11,6 +11,7 @@ from conftest import make_tokenizer, tiny_gpt2
 from helpers import config
 
 from hf_kd import DistillationTrainer
+from hf_kd.trainer import engine_in_words
 
 
 @pytest.fixture(autouse=True)
@@ -44,7 +45,10 @@ def test_processes_launched_but_not_joined_warn_once(tmp_path, monkeypatch, capl
     with caplog.at_level(logging.WARNING):
         trainer = _trainer(tmp_path, use_cpu=False)
     [message] = _warnings(caplog)
-    assert "2 processes were launched (WORLD_SIZE=2), but Accelerate runs NO with 1 process" in message
+    assert (
+        "2 processes were launched (WORLD_SIZE=2), but Accelerate runs one process, without distributed "
+        "training: each process" in message
+    )
     assert "each process trains alone, on all the data" in message
     if trainer.args.device.type == "cpu":
         assert "Accelerate forms a process group (gloo) only with use_cpu=True" in message
@@ -55,7 +59,10 @@ def test_fsdp_asked_but_not_active_warns_once(tmp_path, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING):
         _trainer(tmp_path)
     [message] = _warnings(caplog)
-    assert "FSDP was asked for (ACCELERATE_USE_FSDP=true), but Accelerate runs NO with 1 process" in message
+    assert (
+        "FSDP was asked for (ACCELERATE_USE_FSDP=true), but Accelerate runs one process, without distributed "
+        "training: the" in message
+    )
     assert "the student is not sharded, it is held whole" in message
     assert "not for a CPU process group (use_cpu=True)" in message
 
@@ -71,7 +78,10 @@ def test_fsdp_on_a_cpu_process_group_warns_that_ddp_runs(tmp_path, monkeypatch, 
     with caplog.at_level(logging.WARNING):
         trainer._warn_engine_fallback()
     [message] = _warnings(caplog)
-    assert "FSDP was asked for (fsdp=True), but Accelerate runs MULTI_CPU with 2 processes" in message
+    assert (
+        "FSDP was asked for (fsdp=True), but Accelerate runs DDP over gloo between CPU processes with 2 "
+        "processes: the" in message
+    )
     assert "the student is not sharded, every process holds all of it, as in DDP" in message
 
 
@@ -84,4 +94,14 @@ def test_deepspeed_counting_more_processes_than_accelerate_warns(tmp_path, monke
     with caplog.at_level(logging.WARNING):
         trainer._warn_engine_fallback()
     [message] = _warnings(caplog)
-    assert "runs DEEPSPEED with 1 process: DeepSpeed still counts 2 and refuses the batch size" in message
+    assert "runs DeepSpeed with 1 process: DeepSpeed still counts 2 and refuses the batch size" in message
+
+
+@pytest.mark.parametrize("engine", list(DistributedType))
+def test_every_engine_is_named_in_words(engine):
+    words = engine_in_words(engine, 2)
+    if engine not in (DistributedType.FSDP, DistributedType.XLA):  # their names are the words
+        assert engine.value not in words  # not "NO", "MULTI_CPU", "DEEPSPEED" ...
+    assert " " in words and "_" not in words
+    assert engine == DistributedType.NO or words.endswith("with 2 processes")
+    assert engine_in_words(DistributedType.MULTI_GPU, 1).endswith("with 1 process")

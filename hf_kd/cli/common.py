@@ -99,7 +99,7 @@ def load_teacher_for_command(name: str, args: argparse.Namespace, option: str = 
     check_source_path(option, name)
     check_model_folder(option, name, safetensors_only=True)  # load_teacher reads safetensors only
     kwargs = {} if args.dtype == "auto" else {"dtype": getattr(torch, args.dtype)}
-    options = SimpleNamespace(trust_remote_code=args.trust_remote_code, teacher_model_init_kwargs=kwargs)
+    options = SimpleNamespace(teacher_trust_remote_code=args.trust_remote_code, teacher_model_init_kwargs=kwargs)
     try:
         teacher, tokenizer = load_teacher(name, options)
     except (OSError, ValueError, SafetensorError) as err:

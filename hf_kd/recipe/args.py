@@ -15,6 +15,7 @@ import json
 import os
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,14 @@ class ModelArguments:
         metadata={
             "help": "dtype the student's weights are loaded in: float32 (default; keep it for mixed-precision "
             "training with bf16/fp16), bfloat16, float16 or auto."
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={
+            "help": "Run the code of the student's (and the tokenizer's) repository, as the Transformers examples' "
+            "option of this name does; only for repositories you have read. The teacher's is "
+            "teacher_trust_remote_code."
         },
     )
     overwrite_output_dir: bool = field(
@@ -169,6 +178,11 @@ class DataArguments:
 
 
 RECIPE_DATACLASSES = (ModelArguments, DataArguments, DistillationConfig)
+TRUST_REMOTE_CODE_SPLIT = (
+    "trust_remote_code now covers the student and its tokenizer only, as in the Transformers examples; the teacher "
+    "has teacher_trust_remote_code. It is still applied to the teacher too, for now: set teacher_trust_remote_code "
+    "(true or false) to say what you mean and silence this warning."
+)
 
 
 def _json_field(name: str, text: str) -> Any:
@@ -376,6 +390,10 @@ def build_recipe_args(values: dict[str, Any]) -> tuple[ModelArguments, DataArgum
     except (ValueError, TypeError, ImportError) as err:  # a dataclass's own __post_init__ check
         raise ConfigError(" ".join(str(err).split())) from None
     check_generation(built[2])
+    if values.get("trust_remote_code") and "teacher_trust_remote_code" not in values:
+        # Before the split, trust_remote_code also covered the teacher: old recipes keep working, with a warning.
+        warnings.warn(TRUST_REMOTE_CODE_SPLIT, FutureWarning, stacklevel=2)
+        built[2].teacher_trust_remote_code = True
     return built  # type: ignore[return-value]
 
 

@@ -66,13 +66,19 @@ def _student_config(
         key, source = "teacher_model_name_or_path", args.teacher_model_name_or_path
     else:
         raise ConfigError("No student: set student_model_name_or_path or student_config.")
-    return key, source, load_model_config(key, source, args.trust_remote_code, cache_dir)
+    return key, source, load_model_config(key, source, trusts(key, model_args, args), cache_dir)
+
+
+def trusts(key: str, model_args: ModelArguments, args: DistillationConfig) -> bool:
+    """Whether the code of the repository ``key`` names may run: the teacher's option for the teacher's folder,
+    the student's (``trust_remote_code``, as in the Transformers examples) for the others."""
+    return args.teacher_trust_remote_code if key == "teacher_model_name_or_path" else model_args.trust_remote_code
 
 
 def load_student(model_args: ModelArguments, args: DistillationConfig, cache_dir: str | None = None) -> PreTrainedModel:
     """The pretrained student, or a randomly initialised one from a config (the teacher's when none is named)."""
-    trust = args.trust_remote_code
     key, source, config = _student_config(model_args, args, cache_dir)
+    trust = trusts(key, model_args, args)
     auto = AutoModelForSeq2SeqLM if task_of(config) == "seq2seq" else AutoModelForCausalLM
     dtype = model_args.dtype or "float32"
     if model_args.student_model_name_or_path:
@@ -99,7 +105,6 @@ def load_weights(key: str, source: str, auto: Any, **kwargs: Any) -> PreTrainedM
 
 def load_tokenizer(model_args: ModelArguments, args: DistillationConfig, cache_dir: str | None = None) -> Any:
     """The named tokenizer, else the student's, else the teacher's."""
-    trust = args.trust_remote_code
     candidates = [
         ("tokenizer_name_or_path", model_args.tokenizer_name_or_path),
         ("student_model_name_or_path", model_args.student_model_name_or_path),
@@ -111,6 +116,7 @@ def load_tokenizer(model_args: ModelArguments, args: DistillationConfig, cache_d
     errors = []
     for key, name in candidates:
         try:
+            trust = trusts(key, model_args, args)
             tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust, cache_dir=cache_dir)
         except (OSError, ValueError) as err:
             errors.append(f"{key}={name!r}: {first_line(err)}")
@@ -221,7 +227,7 @@ def prepare(
     teacher_config = None
     if args.teacher_model_name_or_path is not None:
         teacher_config = load_model_config(
-            "teacher_model_name_or_path", args.teacher_model_name_or_path, args.trust_remote_code, cache_dir
+            "teacher_model_name_or_path", args.teacher_model_name_or_path, args.teacher_trust_remote_code, cache_dir
         )
     # Cheap checks first (configs, data files, columns), so that a mistake costs no model loading.
     key, source, student_config = _student_config(model_args, args, cache_dir)

@@ -20,9 +20,9 @@ logger = logging.getLogger(__name__)
 def load_teacher(name_or_path: str, args: Any) -> tuple[nn.Module, Any]:
     """Load a teacher (and its tokenizer, when it has one) with the Auto class that fits its config.
 
-    Weights are read from safetensors only; ``trust_remote_code`` is whatever the config says (default off).
+    Weights are read from safetensors only; ``teacher_trust_remote_code`` is whatever the config says (default off).
     """
-    trust = bool(getattr(args, "trust_remote_code", False))
+    trust = bool(getattr(args, "teacher_trust_remote_code", False))
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust)
     auto_class = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     kwargs = dict(getattr(args, "teacher_model_init_kwargs", None) or {})
