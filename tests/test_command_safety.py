@@ -6,21 +6,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import WORDS, make_tokenizer, random_sentences, tiny_gpt2
+from conftest import make_tokenizer, random_sentences, tiny_gpt2
 from recipe_helpers import write_json_rows
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_kd.cli import main
-from hf_kd.errors import ConfigError
-from hf_kd.locking import LOCK_FILE, FolderInUseError, folder_lock
 
 
 def one_line_error(capsys, argv: list[str], *words: str) -> str:
