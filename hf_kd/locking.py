@@ -61,15 +61,27 @@ def _acquire(lock: Path, wait: bool) -> tuple[int, str | None]:
         os.close(fd)
 
 
+def folder_lock(folder: str | os.PathLike, command: str, wait: bool = False) -> contextlib.AbstractContextManager:
+    """Hold ``<folder>/.hf_kd.lock`` for the body (see :func:`path_lock`); ``folder`` must exist."""
+    return path_lock(Path(folder) / LOCK_FILE, command, wait, folder)
+
+
+def sibling_lock(path: str | os.PathLike, command: str, wait: bool = False) -> contextlib.AbstractContextManager:
+    """Hold ``.<name>.hf_kd.lock`` beside ``path`` (for an output that is replaced whole, or not there yet); the
+    folder ``path`` is in must exist."""
+    path = Path(path)
+    return path_lock(path.parent / f".{path.name}{LOCK_FILE}", command, wait, path)
+
+
 @contextlib.contextmanager
-def folder_lock(folder: str | os.PathLike, command: str, wait: bool = False) -> Iterator[Path]:
-    """Hold ``<folder>/.hf_kd.lock`` for the body; ``folder`` must exist.
+def path_lock(lock: Path, command: str, wait: bool = False, folder: str | os.PathLike | None = None) -> Iterator[Path]:
+    """Hold the lock file ``lock`` for the body; ``folder`` is what the messages call the locked output.
 
     ``command`` (e.g. ``"hf-kd quickstart"``) is written into the lock and named to anyone refused. Without
-    ``wait`` a held folder raises :class:`FolderInUseError` (one line: the holder and the fix); with ``wait``
+    ``wait`` a held lock raises :class:`FolderInUseError` (one line: the holder and the fix); with ``wait``
     it blocks until the holder is done (printing who it waits for). Yields the lock file's path.
     """
-    lock = Path(folder) / LOCK_FILE
+    folder = lock.parent if folder is None else folder
     if fcntl is None:
         yield lock
         return

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -15,6 +19,7 @@ from recipe_helpers import write_json_rows
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_kd.cli import main
+from hf_kd.locking import LOCK_FILE, FolderInUseError, folder_lock, sibling_lock
 
 
 def one_line_error(capsys, argv: list[str], *words: str) -> str:
@@ -109,3 +114,97 @@ def test_evaluate_output_paths(capsys, tmp_path, files) -> None:
     assert main([*argv, str(tmp_path / "new" / "r.json")]) == 0
     assert json.loads((tmp_path / "new" / "r.json").read_text()) == json.loads(target.read_text())
     assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left behind
+
+
+# ---- make-student ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("teacher") / "gpt2"
+    tiny_gpt2(len(make_tokenizer()), seed=1, n_layer=4).save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def student_argv(teacher: Path, out: Path, *extra: str) -> list[str]:
+    return ["make-student", str(teacher), str(out), "--layers", "2", *extra]
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_make_student_paths(capsys, tmp_path, teacher) -> None:
+    (tmp_path / "file").write_text("x")
+    one_line_error(capsys, student_argv(teacher, tmp_path / "file"), "is a file, not a folder")
+    one_line_error(capsys, student_argv(teacher, tmp_path / "file" / "out"), "which is a file")
+    one_line_error(capsys, student_argv(teacher / "config.json", tmp_path / "out"), "is a file; pass the folder")
+    one_line_error(capsys, [*student_argv(teacher, tmp_path / "out"), "--tokenizer", str(tmp_path / "file")], "file")
+    # A symlink to a folder: the student is saved where it points, the link stays.
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    assert main(student_argv(teacher, tmp_path / "link")) == 0
+    assert (tmp_path / "link").is_symlink() and (real / "model.safetensors").is_file()
+    assert not list(tmp_path.glob(".*"))  # no temporary folder or lock file left
+
+
+def test_make_student_save_is_whole_or_nothing(capsys, tmp_path, teacher, monkeypatch) -> None:
+    out = tmp_path / "out"
+    assert main(student_argv(teacher, out)) == 0
+    (out / "notes.txt").write_text("mine")
+    before = tree(out)
+
+    def full_disk(self, folder, *args, **kwargs):
+        (Path(folder) / "config.json").write_text("{}")  # part of the files, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("transformers.PreTrainedModel.save_pretrained", full_disk)
+    one_line_error(capsys, [*student_argv(teacher, out), "--overwrite"], "No space left", "left as it was")
+    assert tree(out) == before and not list(tmp_path.glob(".*"))
+
+
+def test_make_student_overwrite_removes_the_old_weights_only(capsys, tmp_path, teacher) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    for stale in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                  "model.safetensors.index.json"):  # fmt: skip
+        (out / stale).write_text("an older, sharded model")
+    (out / "config.json").write_text("{}")
+    (out / "notes.txt").write_text("mine")
+    assert main([*student_argv(teacher, out), "--overwrite"]) == 0
+    assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
+    assert (out / "notes.txt").read_text() == "mine"
+    record = json.loads((out / "hf_kd_student.json").read_text())
+    assert record["layer_map"] == {"decoder": [0, 3]} and record["teacher_layers"] == {"decoder": 4}
+
+
+def test_make_student_on_an_output_in_use_is_one_line(capsys, tmp_path, teacher) -> None:
+    out = tmp_path / "out"
+    with sibling_lock(out, "hf-kd make-student"):
+        one_line_error(capsys, student_argv(teacher, out), "in use by hf-kd make-student", f"pid {os.getpid()}")
+    assert not out.exists()
+
+
+def test_lock_waits_for_its_holder_in_another_process(tmp_path) -> None:
+    """wait=True blocks while another process holds the lock and goes on when it is released."""
+    code = textwrap.dedent(f"""
+        import time
+        from hf_kd.locking import folder_lock
+        with folder_lock({str(tmp_path)!r}, "holder"):
+            print("held", flush=True)
+            time.sleep(1.5)
+            open({str(tmp_path / "done")!r}, "w").close()
+    """)
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(FolderInUseError, match=f"in use by holder \\(pid {holder.pid}"):
+            with folder_lock(tmp_path, "second"):
+                pass
+        with folder_lock(tmp_path, "third", wait=True):
+            assert (tmp_path / "done").exists()  # taken only after the holder's body ended
+    finally:
+        holder.wait(timeout=30)
+    assert not (tmp_path / LOCK_FILE).exists()
