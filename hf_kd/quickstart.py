@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -684,6 +685,39 @@ def _settings_from_args(args: Any) -> Settings:
     return dataclasses.replace(settings, **overrides)
 
 
+_POSITIVE = ("vocab_size block_size source_length target_length max_words batch_size teacher_layers teacher_width "
+             "teacher_steps student_layers student_width student_steps max_train_docs").split()  # fmt: skip
+
+
+def check_settings(settings: Settings, threads: int | None) -> None:
+    """Sizes, steps and rates that cannot make a run: one-line ConfigErrors naming the option, before any work."""
+    design = Settings.for_task(settings.task)
+
+    def refuse(name: str, value: Any, rule: str) -> None:
+        option = f"--{name.replace('_', '-')}"
+        example = getattr(design, name, None) or 1
+        raise ConfigError(f"{option} {value} {rule}; pass e.g. {option} {example}.")
+
+    if threads is not None and threads < 1:
+        refuse("threads", threads, "must be 1 or more")
+    for name in _POSITIVE:
+        value = getattr(settings, name)
+        if value is not None and value < 1:
+            refuse(name, value, "must be 1 or more")
+    for name in ("teacher_lr", "student_lr", "temperature"):
+        value = getattr(settings, name)
+        if not math.isfinite(value) or value <= 0:
+            refuse(name, value, "must be a positive number")
+    if not 0 < settings.mask_fraction < 1:
+        refuse("mask_fraction", settings.mask_fraction, "must be between 0 and 1")
+    if not 0 <= settings.alpha <= 1:
+        refuse("alpha", settings.alpha, "must be between 0 and 1 (the weight of CE in the KD student's loss)")
+    for name in ("teacher_width", "student_width"):  # heads of 64: a width of 128 or more splits into whole heads
+        width = getattr(settings, name)
+        if width % max(1, width // 64):
+            refuse(name, width, "does not split into heads of about 64 (use a width below 128 or a multiple of 64)")
+
+
 def command_line(args: Any) -> str:
     """The command that reproduces this run (options left at their default omitted)."""
     words = ["hf-kd", "quickstart", "--task", args.task, "--output-dir", str(args.output_dir)]
@@ -703,6 +737,7 @@ def run_quickstart(args: Any) -> int:
     from hf_kd.data import default_cache_dir
 
     settings = _settings_from_args(args)
+    check_settings(settings, getattr(args, "threads", None))
     output_dir = check_writable_folder("--output-dir", args.output_dir)
     cache_dir = check_writable_folder("--cache-dir", args.cache_dir or default_cache_dir())
     output_dir.mkdir(parents=True, exist_ok=True)

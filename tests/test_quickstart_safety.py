@@ -160,3 +160,14 @@ def test_a_damaged_data_cache_is_one_line_naming_it(capsys, tmp_path, data_cache
     folder.mkdir(parents=True)
     (folder / "dataset_dict.json").write_text("{broken")
     one_line_error(capsys, argv(tmp_path / "out", cache), "data cache", "delete that folder")
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [(("--student-steps", "0"), "--student-steps 0 must be 1 or more"), (("--threads", "0"), "--threads 0"),
+     (("--teacher-lr", "-1"), "positive number"), (("--mask-fraction", "1.5"), "between 0 and 1"),
+     (("--alpha", "2"), "between 0 and 1"), (("--teacher-width", "129"), "heads")],
+)  # fmt: skip
+def test_sizes_and_rates_that_cannot_make_a_run(capsys, tmp_path, extra, words) -> None:
+    one_line_error(capsys, argv(tmp_path / "out", tmp_path / "cache", *extra), words)
+    assert not (tmp_path / "out").exists()
