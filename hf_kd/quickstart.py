@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from collections import Counter
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from hf_kd.errors import ConfigError, check_writable_folder, first_line
+from hf_kd.errors import ConfigError, check_writable_folder, first_line, write_text_atomic
 from hf_kd.locking import folder_lock
 from hf_kd.quickstart_files import TEACHER_RECORD, check_teacher_record, claim_output_dir
 
@@ -412,6 +413,8 @@ def train_teacher(settings: Settings, data: Any, cache_dir: Path) -> tuple[Any, 
     with folder_lock(path.parent, "hf-kd quickstart (training a teacher)", wait=True):
         if path.exists():
             return (*_load_cached_teacher(settings, path), True)
+        for stale in path.parent.glob(f"{path.name}.tmp*"):  # a killed run's half-trained copy (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
         return _train_teacher(settings, data, path)
 
 
@@ -848,8 +851,8 @@ def _run(args: Any, settings: Settings, output_dir: Path, cache_dir: Path) -> in
         "cpu_seconds": time.process_time(),  # this process, all threads, imports included
         "versions": _versions(),
     }
-    (output_dir / "report.json").write_text(json.dumps(report, indent=2))
-    (output_dir / "report.md").write_text(_markdown_report(report, table))
+    write_text_atomic(output_dir / "report.json", json.dumps(report, indent=2))
+    write_text_atomic(output_dir / "report.md", _markdown_report(report, table))
     print("\n" + table + "\n")
     if teacher_check is not None:
         stage(conditioning_sentence(teacher_check))
