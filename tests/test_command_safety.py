@@ -208,3 +208,30 @@ def test_lock_waits_for_its_holder_in_another_process(tmp_path) -> None:
     finally:
         holder.wait(timeout=30)
     assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_an_atomic_write_that_fails_leaves_the_previous_file(tmp_path, monkeypatch) -> None:
+    from hf_kd import errors
+
+    path = tmp_path / "r.json"
+    errors.write_text_atomic(path, "first")
+    real_fdopen = os.fdopen
+
+    class FullDisk:
+        def __init__(self, fd, *args, **kwargs):
+            self.file = real_fdopen(fd, *args, **kwargs)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, text):
+            self.file.write(text[:2])
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(errors.os, "fdopen", FullDisk)
+    with pytest.raises(OSError, match="No space"):
+        errors.write_text_atomic(path, "second, longer")
+    assert path.read_text() == "first" and [p.name for p in tmp_path.iterdir()] == ["r.json"]
