@@ -123,10 +123,13 @@ def evaluate_model(
     data_args: DataArguments,
     options: Any,
     metric: Any = None,
+    max_positions: int | None = None,
 ) -> dict[str, float]:
     """The numbers of one model on ``raw`` (the evaluation rows, untokenised).
 
     ``metric`` (an `evaluate` module) scores the generations of encoder-decoder models; by default hf_kd's ROUGE.
+    ``max_positions`` caps a causal model's blocks (default: its own position limit); models compared are
+    scored on the same blocks only with the same cap, the smallest of their limits (:func:`common_limit`).
     """
     task = task_of(model.config)
     results: dict[str, float] = {"parameters": count_parameters(model)}
@@ -134,7 +137,7 @@ def evaluate_model(
         tokenized = tokenize_seq2seq(raw, tokenizer, data_args)
         sources = [data_args.source_prefix + (s or "") for s in raw[data_args.source_column]]
     else:
-        limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+        limit = max_positions or position_limit(model.config)
         tokenized = tokenize_causal(raw, tokenizer, data_args, limit)
         sources = [t for t in raw[data_args.text_column] if t and t.strip()]
     results["perplexity"] = perplexity(model, tokenized, batch_size=options.batch_size)
@@ -162,6 +165,63 @@ def evaluate_model(
         )
         results["generation_tokens_per_second"] = speed["tokens_per_second"]
     return results
+
+
+def position_limit(config: PretrainedConfig) -> int | None:
+    """The positions a model has (``max_position_embeddings``, GPT-2's ``n_positions``); None for relative ones."""
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return int(limit) if isinstance(limit, int) and limit > 0 else None
+
+
+def common_limit(models: list[tuple[str, str, str]], configs: dict[str, PretrainedConfig]) -> tuple[int, str] | None:
+    """The smallest position limit of ``models`` and the option naming that model, or None when none has one."""
+    limits = [(position_limit(configs[role]), key) for role, key, _ in models]
+    known = [(limit, key) for limit, key in limits if limit is not None]
+    return min(known) if known else None
+
+
+def check_lengths(
+    limit: tuple[int, str] | None, tokenizer: Any, raw: Dataset, data_args: DataArguments, options: Any, task: str
+) -> None:
+    """Every sequence the evaluation feeds a model fits ``limit`` (positions, and the option naming the model
+    that has so few), before any model runs: a one-line ConfigError naming the option to lower otherwise.
+
+    Causal perplexity needs no check (its blocks are cut to the limit); the generations do."""
+    if limit is None:
+        return
+    positions, key = limit
+    where = f"{key} has {positions} positions"
+
+    def longest(texts: list[str], cap: int) -> int:
+        return min(cap, max((len(ids) for ids in tokenizer(texts)["input_ids"]), default=0))
+
+    if task == "seq2seq":
+        sources = [data_args.source_prefix + (s or "") for s in raw[data_args.source_column]]
+        targets = [t or "" for t in raw[data_args.target_column]]
+        for option, n in (
+            ("--max_source_length", longest(sources, data_args.max_source_length)),
+            ("--max_target_length", longest(targets, data_args.max_target_length)),
+        ):
+            if n > positions:
+                raise ConfigError(f"{where}, and the data hold sequences of {n} tokens; pass {option} {positions}.")
+        generates = not (options.no_rouge and options.no_speed)
+        if generates and options.max_new_tokens + 1 > positions:  # the decoder's start token takes one
+            raise ConfigError(
+                f"{where} (one for the decoder's start token); pass --max_new_tokens {positions - 1} or less."
+            )
+        if not options.no_speed and longest(sources[: options.speed_samples], options.speed_input_length) > positions:
+            raise ConfigError(f"{where}; pass --speed_input_length {positions} or less, or --no_speed.")
+        return
+    if options.no_speed:
+        return
+    texts = [t for t in raw[data_args.text_column] if t and t.strip()][: options.speed_samples]
+    prompt = longest(texts, options.speed_input_length)
+    if prompt + options.max_new_tokens > positions:  # a causal model's positions hold prompt and new tokens
+        raise ConfigError(
+            f"{where}, and the speed measurement needs {prompt + options.max_new_tokens} ({prompt} prompt tokens, "
+            f"--max_new_tokens {options.max_new_tokens}); pass --speed_input_length "
+            f"{max(1, positions - options.max_new_tokens)} or a smaller --max_new_tokens, or --no_speed."
+        )
 
 
 def _numbers(scores: dict[str, Any]) -> dict[str, float]:
@@ -228,11 +288,16 @@ def evaluate_pair(options: Any) -> dict[str, dict[str, float]]:
     else:
         check_columns(raw, {"text_column": data_args.text_column})
 
+    limit = common_limit(models, configs)
+    check_lengths(limit, tokenizers["student"], raw, data_args, options, task)
+
     device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
     results = {}
     for role, key, path in models:
         model = load_model(key, path, options.dtype, device, options.trust_remote_code)
-        results[role] = evaluate_model(model, tokenizers[role], raw, data_args, options, metric)
+        # Both models on the same blocks: the smallest position limit cuts them.
+        cap = limit[0] if limit else None
+        results[role] = evaluate_model(model, tokenizers[role], raw, data_args, options, metric, cap)
         del model
     return results
 

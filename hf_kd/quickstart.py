@@ -18,7 +18,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import shutil
 import sys
 import time
 from collections import Counter
@@ -29,12 +31,22 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from hf_kd.errors import ConfigError, check_writable_folder, first_line, write_text_atomic
+from hf_kd.locking import folder_lock
+from hf_kd.quickstart_files import TEACHER_RECORD, check_teacher_record, claim_output_dir
+
 # Nothing below reaches the Hub: data, tokenizer and models are all made locally. The tokenizer is used
 # before and after the Trainer's dataloader forks; keep its thread pool quiet about it.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # Bump when anything that shapes the cached tokenizer/teacher changes.
 TEACHER_CACHE_VERSION = 3
+
+# The Settings fields that shape the tokenizer and teacher (the cache key; checked again in the cached record).
+TEACHER_FIELDS = (
+    "task seed vocab_size block_size source_length target_length mask_fraction max_words batch_size "
+    "teacher_layers teacher_width teacher_steps teacher_lr max_train_docs"
+).split()
 
 SEQ2SEQ_TASKS = ("denoise", "summarize")
 TASKS = ("denoise", "summarize", "lm")
@@ -95,10 +107,7 @@ class Settings:
 
     def teacher_key(self) -> str:
         """A hash of what determines the tokenizer and teacher, naming their cache folder."""
-        fields = (
-            "task seed vocab_size block_size source_length target_length mask_fraction max_words batch_size "
-            "teacher_layers teacher_width teacher_steps teacher_lr max_train_docs"
-        ).split()
+        fields = TEACHER_FIELDS
         from hf_kd.data import EXTRACTION_VERSION
 
         # The data come from the running Python's standard library: another version, another teacher.
@@ -181,6 +190,21 @@ def _head(dataset: Any, n: int | None) -> Any:
 
 
 def load_data(settings: Settings, cache_dir: Path) -> Any:
+    """The task's splits, from the data cache under ``cache_dir`` (made on the first run); a damaged cache is a
+    one-line ConfigError naming its folder."""
+    from hf_kd.data import cache_path
+
+    try:
+        return _load_data(settings, cache_dir)
+    except (OSError, ValueError, KeyError, IndexError) as err:  # what load_from_disk raises for a damaged folder
+        folder = cache_path("summarize" if settings.task == "summarize" else "lm", cache_dir).parent
+        raise ConfigError(
+            f"the quickstart's data cache {folder} cannot be read ({first_line(err, 160)}); delete that folder (it "
+            "is made again from the standard library), or pass another --cache-dir."
+        ) from None
+
+
+def _load_data(settings: Settings, cache_dir: Path) -> Any:
     from hf_kd.data import infilling_dataset, load_stdlib_docstrings
 
     if settings.task == "denoise":
@@ -380,16 +404,40 @@ def training_args(output_dir: Path, settings: Settings, steps: int, lr: float, *
 
 
 def train_teacher(settings: Settings, data: Any, cache_dir: Path) -> tuple[Any, Any, float, bool]:
-    """The tokenizer and teacher, from the cache when an identical run already trained them."""
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, Trainer
+    """The tokenizer and teacher, from the cache when an identical run already trained them.
+
+    One process trains a given teacher at a time (the others wait, then load it); a cached teacher whose files
+    are damaged is a one-line ConfigError naming them."""
+    path = cache_dir / "quickstart" / f"teacher-{settings.task}-{settings.teacher_key()}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with folder_lock(path.parent, "hf-kd quickstart (training a teacher)", wait=True):
+        if path.exists():
+            return (*_load_cached_teacher(settings, path), True)
+        for stale in path.parent.glob(f"{path.name}.tmp*"):  # a killed run's half-trained copy (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        return _train_teacher(settings, data, path)
+
+
+def _load_cached_teacher(settings: Settings, path: Path) -> tuple[Any, Any, float]:
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    seconds = check_teacher_record(path, settings, TEACHER_FIELDS)
+    auto = AutoModelForSeq2SeqLM if settings.is_seq2seq else AutoModelForCausalLM
+    try:
+        tokenizer, teacher = AutoTokenizer.from_pretrained(path), auto.from_pretrained(path).eval()
+    except (OSError, ValueError, RuntimeError) as err:  # missing/truncated weights, a damaged config or tokenizer
+        raise ConfigError(
+            f"the cached teacher {path} cannot be loaded ({first_line(err, 160)}); delete that folder (hf-kd "
+            "quickstart trains the teacher again), or pass another --cache-dir."
+        ) from None
+    return tokenizer, teacher, seconds
+
+
+def _train_teacher(settings: Settings, data: Any, path: Path) -> tuple[Any, Any, float, bool]:
+    from transformers import Trainer
 
     from hf_kd.data import MASK_TOKEN
 
-    path = cache_dir / "quickstart" / f"teacher-{settings.task}-{settings.teacher_key()}"
-    if (path / "config.json").exists():
-        info = json.loads((path / "quickstart_teacher.json").read_text())
-        auto = AutoModelForSeq2SeqLM if settings.is_seq2seq else AutoModelForCausalLM
-        return AutoTokenizer.from_pretrained(path), auto.from_pretrained(path).eval(), info["train_seconds"], True
     start = time.perf_counter()
     extra = (MASK_TOKEN,) if settings.task == "denoise" else ()
     tokenizer = train_tokenizer(tokenizer_texts(settings.task, data["train"]), settings.vocab_size, extra)
@@ -402,7 +450,7 @@ def train_teacher(settings: Settings, data: Any, cache_dir: Path) -> tuple[Any, 
     seconds = time.perf_counter() - start
     teacher.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / "quickstart_teacher.json").write_text(json.dumps({"train_seconds": seconds, **vars(settings)}))
+    (tmp / TEACHER_RECORD).write_text(json.dumps({"train_seconds": seconds, **vars(settings)}))
     tmp.rename(path)  # complete or absent: an interrupted run never leaves a half-saved teacher
     teacher.name_or_path = teacher.config.name_or_path = str(path)  # named in the student's model card
     return tokenizer, teacher.eval(), seconds, False
@@ -640,6 +688,39 @@ def _settings_from_args(args: Any) -> Settings:
     return dataclasses.replace(settings, **overrides)
 
 
+_POSITIVE = ("vocab_size block_size source_length target_length max_words batch_size teacher_layers teacher_width "
+             "teacher_steps student_layers student_width student_steps max_train_docs").split()  # fmt: skip
+
+
+def check_settings(settings: Settings, threads: int | None) -> None:
+    """Sizes, steps and rates that cannot make a run: one-line ConfigErrors naming the option, before any work."""
+    design = Settings.for_task(settings.task)
+
+    def refuse(name: str, value: Any, rule: str) -> None:
+        option = f"--{name.replace('_', '-')}"
+        example = getattr(design, name, None) or 1
+        raise ConfigError(f"{option} {value} {rule}; pass e.g. {option} {example}.")
+
+    if threads is not None and threads < 1:
+        refuse("threads", threads, "must be 1 or more")
+    for name in _POSITIVE:
+        value = getattr(settings, name)
+        if value is not None and value < 1:
+            refuse(name, value, "must be 1 or more")
+    for name in ("teacher_lr", "student_lr", "temperature"):
+        value = getattr(settings, name)
+        if not math.isfinite(value) or value <= 0:
+            refuse(name, value, "must be a positive number")
+    if not 0 < settings.mask_fraction < 1:
+        refuse("mask_fraction", settings.mask_fraction, "must be between 0 and 1")
+    if not 0 <= settings.alpha <= 1:
+        refuse("alpha", settings.alpha, "must be between 0 and 1 (the weight of CE in the KD student's loss)")
+    for name in ("teacher_width", "student_width"):  # heads of 64: a width of 128 or more splits into whole heads
+        width = getattr(settings, name)
+        if width % max(1, width // 64):
+            refuse(name, width, "does not split into heads of about 64 (use a width below 128 or a multiple of 64)")
+
+
 def command_line(args: Any) -> str:
     """The command that reproduces this run (options left at their default omitted)."""
     words = ["hf-kd", "quickstart", "--task", args.task, "--output-dir", str(args.output_dir)]
@@ -654,16 +735,25 @@ def command_line(args: Any) -> str:
 def run_quickstart(args: Any) -> int:
     """Run the whole quickstart as the options of `hf-kd quickstart` say (an ``argparse.Namespace`` or any
     object with those attributes: task, seed, smoke, output_dir, cache_dir, threads and the Settings fields,
-    None for "the task's design"); returns the exit status."""
+    None for "the task's design"; ``overwrite``: replace the quickstart's entries in the output folder that it did
+    not write with these settings, see :mod:`hf_kd.quickstart_files`); returns the exit status."""
     from hf_kd.data import default_cache_dir
+
+    settings = _settings_from_args(args)
+    check_settings(settings, getattr(args, "threads", None))
+    output_dir = check_writable_folder("--output-dir", args.output_dir)
+    cache_dir = check_writable_folder("--cache-dir", args.cache_dir or default_cache_dir())
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with folder_lock(output_dir, "hf-kd quickstart"):  # a second run on this folder is refused, naming this one
+        claim_output_dir(output_dir, settings, overwrite=bool(getattr(args, "overwrite", False)))
+        return _run(args, settings, output_dir, cache_dir)
+
+
+def _run(args: Any, settings: Settings, output_dir: Path, cache_dir: Path) -> int:
     from hf_kd.metrics import cross_entropy_sum
 
     global _START
     start = _START = time.perf_counter()
-    settings = _settings_from_args(args)
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
 
     stage(f"1/6 data: Python {sys.version.split()[0]} standard-library docstrings, task {settings.task!r}")
     data = load_data(settings, cache_dir)
@@ -761,8 +851,8 @@ def run_quickstart(args: Any) -> int:
         "cpu_seconds": time.process_time(),  # this process, all threads, imports included
         "versions": _versions(),
     }
-    (output_dir / "report.json").write_text(json.dumps(report, indent=2))
-    (output_dir / "report.md").write_text(_markdown_report(report, table))
+    write_text_atomic(output_dir / "report.json", json.dumps(report, indent=2))
+    write_text_atomic(output_dir / "report.md", _markdown_report(report, table))
     print("\n" + table + "\n")
     if teacher_check is not None:
         stage(conditioning_sentence(teacher_check))

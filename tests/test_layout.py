@@ -8,11 +8,11 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "hf_kd"
 # Lowest first; a module may import from its own layer and the layers below it.
 LAYERS = [
-    {"version", "errors", "paths", "losses"},
+    {"version", "errors", "locking", "paths", "losses"},
     {"data", "metrics", "generation", "student", "teachers", "evaluate_metrics"},
     {"config", "card"},
     {"trainer"},
-    {"recipe", "evaluation", "quickstart"},
+    {"recipe", "evaluation", "quickstart", "quickstart_files"},
     {"cli"},
 ]
 

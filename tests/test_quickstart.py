@@ -151,6 +151,24 @@ def test_second_run_reuses_the_cached_teacher(tmp_path, cache_dir, lm_run):
     assert (tmp_path / "teacher" / "model.safetensors").is_file()  # a cached teacher is saved too
 
 
+def test_rerun_on_its_own_output_folder(tmp_path, cache_dir, lm_run, capsys):
+    """Same settings: the run writes its own outputs again (the same numbers); other settings: refused, nothing
+    touched (they would mix two runs' files)."""
+    import shutil
+
+    out, first = lm_run
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    argv = ["--smoke", "--threads", "1", "--output-dir", str(out), "--cache-dir", str(cache_dir), "--task", "lm"]
+    assert quickstart_cli.main([*argv, "--student-steps", "2"]) == 2
+    assert "holds a quickstart run with other settings" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    again = _run(copy, cache_dir, "--task", "lm")
+    assert again["teacher_cached"] is True
+    assert again["models"]["student_kd"]["test_perplexity"] == first["models"]["student_kd"]["test_perplexity"]
+
+
 @pytest.mark.parametrize("task", ["lm", "denoise"])
 def test_students_start_from_the_same_weights(tokenizer, task):
     settings = quickstart.Settings.for_task(task, **quickstart.SMOKE)

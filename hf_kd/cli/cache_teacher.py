@@ -20,6 +20,7 @@ from hf_kd.cli.common import (
 from hf_kd.errors import ConfigError
 from hf_kd.teachers.cache_writer import build_teacher_cache, cache_size, check_tokenised
 from hf_kd.teachers.ensemble import TeacherEnsemble
+from hf_kd.teachers.input_checks import check_cache_lengths, check_named_tokenizer
 
 
 def _weights(text: str) -> list[float]:
@@ -131,6 +132,8 @@ def _cache_teacher(args: argparse.Namespace) -> int:
     dataset = load_tokenised(args.dataset, args.split)
     check_tokenised(dataset, f"--dataset {args.dataset}")
     teacher, tokenizer = load_teacher_or_ensemble(args)
+    check_named_tokenizer(tokenizer, args.tokenizer, args.teacher, args.trust_remote_code)
+    check_cache_lengths(dataset, teacher, f"--dataset {args.dataset}")
     rebuilt: list[int] = []
     path = build_teacher_cache(
         teacher,

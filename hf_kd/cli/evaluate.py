@@ -6,10 +6,10 @@ import argparse
 import dataclasses
 import json
 import textwrap
-from pathlib import Path
 from typing import Any
 
 from hf_kd.cli.common import run_command
+from hf_kd.errors import check_output_file, write_text_atomic
 from hf_kd.evaluation import DATA_OPTIONS, evaluate_pair, format_table
 from hf_kd.recipe.args import DataArguments
 
@@ -81,7 +81,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     run_group.add_argument("--no_speed", action="store_true", help="skip the generation-speed measurement")
     run_group.add_argument("--speed_samples", type=int, default=32, help="rows timed for generation speed")
     run_group.add_argument("--speed_input_length", type=int, default=128, help="prompt tokens kept when timing")
-    run_group.add_argument("--output", metavar="FILE.json", help="also write the results as JSON here")
+    run_group.add_argument(
+        "--output",
+        metavar="FILE.json",
+        help="also write the results as JSON here (replaces only an earlier hf-kd evaluate result; through a symlink, "
+        "the file it points to)",
+    )
     parser.set_defaults(run=run)
     return parser
 
@@ -99,10 +104,22 @@ def run(args: argparse.Namespace) -> int:
     return run_command("hf-kd evaluate", _evaluate, args)
 
 
+def is_result(data: Any) -> bool:
+    """Whether ``data`` (a parsed --output file) is what `hf-kd evaluate` writes: numbers per model role."""
+    return (
+        isinstance(data, dict)
+        and bool(data)
+        and set(data) <= {"student", "teacher"}
+        and all(isinstance(v, dict) and all(isinstance(x, (int, float)) for x in v.values()) for v in data.values())
+    )
+
+
 def _evaluate(args: argparse.Namespace) -> int:
+    # Checked before the evaluation, which may take long: a path that cannot be written fails now.
+    output = check_output_file("--output", args.output, is_result, "an hf-kd evaluate result") if args.output else None
     results = evaluate_pair(args)
     print(format_table(results))
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(output, json.dumps(results, indent=2) + "\n")
     return 0

@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from hf_kd.cli.common import run_command
-from hf_kd.errors import ConfigError, check_model_folder, check_source_path
+from hf_kd.errors import ConfigError, check_model_folder, check_source_path, check_writable_folder
+from hf_kd.locking import sibling_lock
 from hf_kd.recipe.args import holds_model
-from hf_kd.student.make import make_student
+from hf_kd.student.make import StudentSaveError, make_student
+from hf_kd.teachers.loading import load_named_tokenizer
 
 
 def _layer_list(text: str) -> list[int]:
@@ -77,12 +79,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def check_paths(args: argparse.Namespace) -> None:
-    """The teacher and tokenizer can be loaded, and output_dir is not their folder nor (unless --overwrite) a
-    folder that already holds a model."""
+    """The teacher and tokenizer can be loaded, and output_dir can be written (a symlink: where it points), is not
+    their folder, nor (unless --overwrite) a folder that already holds a model."""
     check_source_path("teacher", args.teacher)
     check_source_path("--tokenizer", args.tokenizer)
+    for key, source in (("teacher", args.teacher), ("--tokenizer", args.tokenizer)):
+        if source and Path(source).is_file():
+            raise ConfigError(f"{key}={source!r} is a file; pass the folder the model was saved to (or a Hub id).")
     check_model_folder("teacher", args.teacher, safetensors_only=True)  # hf_kd.teachers.loading.load_teacher's rule
-    out = Path(args.output_dir).resolve()
+    out = check_writable_folder("output_dir", args.output_dir)
     for key, source in (("the teacher", args.teacher), ("--tokenizer", args.tokenizer)):
         if source and Path(source).is_dir() and Path(source).resolve() == out:
             raise ConfigError(f"output_dir {args.output_dir!r} is {key}'s folder; save the student elsewhere.")
@@ -96,7 +101,15 @@ def check_paths(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     """Make and save the student; print its layer map. Returns the exit status."""
     # OSError, ValueError: a bad map, an unsupported model, a teacher that cannot be loaded
-    return run_command("hf-kd make-student", _make_student, args, errors=(OSError, ValueError))
+    return run_command("hf-kd make-student", _locked, args, errors=(OSError, ValueError))
+
+
+def _locked(args: argparse.Namespace) -> int:
+    """One make-student at a time per output_dir: a lock file beside it (the save replaces it from a folder there)."""
+    out = check_writable_folder("output_dir", args.output_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with sibling_lock(out, "hf-kd make-student"):
+        return _make_student(args)
 
 
 def _make_student(args: argparse.Namespace) -> int:
@@ -108,17 +121,19 @@ def _make_student(args: argparse.Namespace) -> int:
     tokenizer = None
     check_paths(args)
     if args.tokenizer is not None:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    student = make_student(
-        args.teacher,
-        encoder_layers=args.encoder_layers,
-        decoder_layers=args.decoder_layers,
-        layer_map=layer_map or None,
-        output_dir=args.output_dir,
-        tokenizer=tokenizer,
-    )
+        tokenizer = load_named_tokenizer("--tokenizer", args.tokenizer)
+    try:
+        student = make_student(
+            args.teacher,
+            encoder_layers=args.encoder_layers,
+            decoder_layers=args.decoder_layers,
+            layer_map=layer_map or None,
+            output_dir=args.output_dir,
+            tokenizer=tokenizer,
+        )
+    except StudentSaveError as err:  # a full disk or a file-size limit while saving: output_dir is as it was
+        raise ConfigError(f"{err}; output_dir is left as it was: free space, or choose another output_dir.") from None
     layers = ", ".join(f"{name} {layers}" for name, layers in student.config.hf_kd_layer_map.items())
     print(f"Saved a {student.num_parameters():,}-parameter student to {args.output_dir} (teacher layers: {layers}).")
     return 0
+

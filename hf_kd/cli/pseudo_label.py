@@ -11,6 +11,7 @@ from typing import Any
 
 from hf_kd.cli import common
 from hf_kd.errors import ConfigError
+from hf_kd.teachers.input_checks import check_named_tokenizer, check_not_assembled, check_pseudo_label_inputs
 from hf_kd.teachers.pseudo_label import (
     ASSEMBLED,
     TARGET_SOURCES,
@@ -84,9 +85,12 @@ def _pseudo_label(args: argparse.Namespace) -> int:
     target = args.target_column if args.target_column in dataset.column_names else None
     check_text_dataset(dataset, f"--dataset {args.dataset}", args.source_column, target)
     check_reference(dataset, args.target_column, args.target_source, args.min_rouge_l, args.max_wer)
+    check_not_assembled(dataset, f"--dataset {args.dataset}", args.target_column)
     [teacher], tokenizer = common.load_teachers(args, [args.teacher])
     if tokenizer is None:
         raise ConfigError(f"--teacher {args.teacher} has no tokenizer files; name one with --tokenizer.")
+    check_named_tokenizer(tokenizer, args.tokenizer, [args.teacher], args.trust_remote_code)
+    check_pseudo_label_inputs(dataset, teacher, tokenizer, f"--dataset {args.dataset}", args)
     rebuilt: list[int] = []
     generate_pseudo_labels(
         teacher,

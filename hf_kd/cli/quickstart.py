@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from hf_kd.cli.common import run_command
 from hf_kd.quickstart import DEFAULT_TASK, TASKS, Settings, run_quickstart
 
 
@@ -47,6 +48,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--cache-dir",
         default=None,
         help="Cache for the data set, tokenizer and teacher (default: $HF_KD_CACHE or ~/.cache/hf_kd).",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace what --output-dir holds under the quickstart's names (teacher/, student_*/, report.json, "
+        "report.md, eval_loss.png; nothing else) when an earlier run with the same settings did not write it.",
     )
     parser.add_argument("--seed", type=int, default=0, help="Seeds the teacher, the students and the data order.")
     parser.add_argument(
@@ -99,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.threads:
             torch.set_num_threads(args.threads)
-        return run_quickstart(args)
+        return run_command("hf-kd quickstart", run_quickstart, args)
     finally:
         torch.set_num_threads(threads)  # callers in the same process (tests) keep their setting
 

@@ -6,7 +6,10 @@ import copy
 import json
 import os
 import re
+import secrets
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -281,6 +284,10 @@ def make_student(
     return student
 
 
+class StudentSaveError(OSError):
+    """Saving a student failed (a full disk, a file-size limit); the output folder was left as it was."""
+
+
 def save_student(
     student: PreTrainedModel,
     output_dir: str | os.PathLike,
@@ -288,11 +295,44 @@ def save_student(
     teacher_name: str | None = None,
     teacher_config: Any = None,
 ) -> None:
-    """Save a student from :func:`make_student` with its tokenizer and ``hf_kd_student.json`` (the layer map)."""
-    os.makedirs(output_dir, exist_ok=True)
-    student.save_pretrained(output_dir)
+    """Save a student from :func:`make_student` with its tokenizer and ``hf_kd_student.json`` (the layer map).
+
+    Whole or not at all: everything is written to a temporary folder beside ``output_dir`` first, then a new
+    ``output_dir`` is that folder renamed, and an existing one gets the files moved in (the weight files of a model
+    it held before and the new one lacks removed: stale shards would be loaded with the new ones). A save that
+    fails (a full disk) leaves ``output_dir`` as it was and removes the temporary folder.
+    """
+    target = Path(output_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()  # not mkdtemp: its 0700 mode would become the student folder's
+    try:
+        try:
+            _save_into(tmp, student, tokenizer, teacher_name, teacher_config)
+        except OSError as err:
+            raise StudentSaveError(f"the student could not be saved to {target} ({err.strerror or err})") from err
+        if not target.exists():
+            tmp.rename(target)
+            return
+        new = {p.name for p in tmp.iterdir()}
+        for old in target.iterdir():
+            if old.name not in new and old.is_file() and _WEIGHT_FILE.match(old.name):
+                old.unlink()
+        for entry in tmp.iterdir():
+            os.replace(entry, target / entry.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# The files a model's weights live in (safetensors or pickle, single or sharded, and their indices).
+_WEIGHT_FILE = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
+
+
+def _save_into(folder: Path, student: PreTrainedModel, tokenizer: Any, teacher_name: str | None,
+               teacher_config: Any) -> None:  # fmt: skip
+    student.save_pretrained(folder)
     if tokenizer is not None:
-        tokenizer.save_pretrained(output_dir)
+        tokenizer.save_pretrained(folder)
     layer_map = getattr(student.config, CONFIG_ATTRIBUTE, None)
     stacks = stacks_of(student.config)
     record = {
@@ -303,6 +343,6 @@ def save_student(
     }
     if teacher_config is not None:
         record["teacher_layers"] = {n: int(getattr(teacher_config, s.count_attribute)) for n, s in stacks.items()}
-    with open(os.path.join(output_dir, RECORD_FILE), "w", encoding="utf-8") as f:
+    with open(folder / RECORD_FILE, "w", encoding="utf-8") as f:
         json.dump(record, f, indent=2)
         f.write("\n")
