@@ -382,8 +382,10 @@ def check_overrides(texts: dict[str, str]) -> dict[str, Any]:
 def load_yaml_config(path: str | Path) -> dict[str, Any]:
     """The mapping in a YAML file, or a :class:`ConfigError` naming the file."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a folder; give the recipe's YAML file.")
     if not path.is_file():
-        raise ConfigError(f"config file not found: {str(path)!r}.")
+        raise ConfigError(f"config file {str(path)!r} {missing_reason(path)}.")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:
@@ -397,6 +399,19 @@ def load_yaml_config(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe config is a mapping of key: value, got a {type(data).__name__}.")
     return data
+
+
+def missing_reason(path: str | os.PathLike) -> str:
+    """Why a path that should exist does not: "does not exist", or what stands in its way."""
+    path = Path(path)
+    if path.is_symlink():
+        return f"is a symbolic link to {os.readlink(path)!r}, which does not exist"
+    for parent in path.parents:
+        if parent.is_dir():
+            return "does not exist"
+        if parent.exists() or parent.is_symlink():
+            return f"is under {str(parent)!r}, which is a file, not a folder"
+    return "does not exist"
 
 
 def not_utf8(data: bytes, err: UnicodeDecodeError, first_line: int = 1) -> str:

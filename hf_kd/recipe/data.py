@@ -12,7 +12,7 @@ from typing import Any
 import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
-from hf_kd.recipe.args import STDLIB_DOCSTRINGS, ConfigError, DataArguments, not_utf8
+from hf_kd.recipe.args import STDLIB_DOCSTRINGS, ConfigError, DataArguments, missing_reason, not_utf8
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,8 @@ def load_raw_datasets(data_args: DataArguments, task: str) -> DatasetDict:
             return _load_saved(files)
         for split, path in files.items():
             if not Path(path).is_file():
-                what = "is a folder but not one saved with save_to_disk" if Path(path).is_dir() else "does not exist"
+                folder = Path(path).is_dir()
+                what = "is a folder but not one saved with save_to_disk" if folder else missing_reason(path)
                 raise ConfigError(f"data_files: the {split!r} file {str(path)!r} {what}.")
         suffixes = {Path(p).suffix.lower() for p in files.values()}
         builders = {_BUILDERS.get(s) for s in suffixes}

@@ -91,7 +91,7 @@ def check_checkpoint_folders(
             raise ConfigError(
                 f"output_dir={output_dir!r} holds {', '.join(foreign)}, which no earlier run wrote there, and "
                 f"save_total_limit={save_total_limit} makes the Trainer delete the oldest checkpoint-* folders: "
-                "move it out of output_dir, or set save_total_limit: null."
+                "move them out of output_dir, or set save_total_limit: null."
             )
 
 

@@ -28,7 +28,14 @@ from transformers.trainer_utils import IntervalStrategy, SaveStrategy, get_last_
 
 from hf_kd.config import DistillationConfig
 from hf_kd.errors import check_model_folder, check_source_path, first_line
-from hf_kd.recipe.args import STDLIB_DOCSTRINGS, ConfigError, DataArguments, ModelArguments, check_output_folder
+from hf_kd.recipe.args import (
+    STDLIB_DOCSTRINGS,
+    ConfigError,
+    DataArguments,
+    ModelArguments,
+    check_output_folder,
+    missing_reason,
+)
 from hf_kd.recipe.data import (
     adopt_example_columns,
     check_columns,
@@ -190,9 +197,13 @@ def check_paths(model_args: ModelArguments, data_args: DataArguments, args: Dist
     sources = _sources(model_args, data_args, args)
     for key in ("teacher_model_name_or_path", "student_model_name_or_path", "student_config", "tokenizer_name_or_path"):
         check_source_path(key, sources[key])
+        if key != "student_config" and sources[key] and Path(sources[key]).is_file():  # a config.json is fine there
+            raise ConfigError(f"{key}={sources[key]!r} is a file; name the folder that holds it (or a Hub id).")
     for key, path in (("cache_dir", data_args.cache_dir), ("teacher_cache", args.teacher_cache)):
         if path and Path(path).exists() and not Path(path).is_dir():
             raise ConfigError(f"{key}={path!r} is a file; name a folder.")
+        if path and not Path(path).exists() and "under" in missing_reason(path):
+            raise ConfigError(f"{key}={path!r} {missing_reason(path)}; name a folder.")
     init_kwargs = args.teacher_model_init_kwargs or {}
     check_model_folder(
         "teacher_model_name_or_path", args.teacher_model_name_or_path, init_kwargs.get("use_safetensors", True)
