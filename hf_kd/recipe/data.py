@@ -176,7 +176,8 @@ def select_test(raw: DatasetDict, data_args: DataArguments, do_predict: bool) ->
 def split_uses(raw: DatasetDict, data_args: DataArguments, evaluated: bool, do_predict: bool) -> list[str]:
     """One line per split of the data: what the run does with it."""
     lines = []
-    for name in raw:
+    used = [data_args.train_split, data_args.eval_split, data_args.test_split]
+    for name in sorted(raw, key=lambda split: used.index(split) if split in used else len(used)):
         rows = f"split {name!r} ({len(raw[name])} rows)"
         if name == data_args.train_split:
             use = "trained on"
