@@ -27,7 +27,14 @@ FALLBACK_PREFIX = "hf_kd-student-"
 SAVE_ERRORS = (OSError, SafetensorError)
 # Weight files a save may leave behind from the previous one (a sharded save after a single-file one, or the
 # reverse); from_pretrained would load the stale ones first, so they go once the new files are in place.
-WEIGHT_FILES = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index*")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model-*-of-*.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model-*-of-*.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 class SaveError(Exception):

@@ -27,6 +27,7 @@ from hf_kd.errors import ConfigError
 from hf_kd.recipe.args import DataArguments, parse_recipe_config
 from hf_kd.recipe.data import adopt_example_columns
 from hf_kd.recipe.output import LOCK_NAME, OutputLock
+from hf_kd.saving import save_atomically
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -318,6 +319,31 @@ def test_a_failed_save_keeps_the_old_files_and_saves_the_student_elsewhere(model
     initial = load_file(Path(models["t5"]["student"]) / "model.safetensors")
     assert any(not torch.equal(saved[k], initial[k]) for k in saved)
     AutoModelForSeq2SeqLM.from_pretrained(fallback)
+
+
+def test_save_atomically_replaces_every_weight_file_or_none(tmp_path):
+    out = tmp_path / "student"
+    out.mkdir()
+    old = {"config.json": "old", "model-00001-of-00002.safetensors": "a", "model.safetensors.index.json": "{}"}
+    for name, text in old.items():
+        (out / name).write_text(text)
+    (out / "notes.txt").write_text("mine")
+
+    def broken(folder: str) -> None:
+        Path(folder, "config.json").write_text("new")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        save_atomically(broken, out)
+    assert {p.name: p.read_text() for p in out.iterdir()} == {**old, "notes.txt": "mine"}
+
+    def single_file(folder: str) -> None:
+        Path(folder, "config.json").write_text("new")
+        Path(folder, "model.safetensors").write_text("weights")
+
+    save_atomically(single_file, out)  # the stale shards would be loaded before the new file: they go
+    files = {p.name: p.read_text() for p in out.iterdir()}
+    assert files == {"config.json": "new", "model.safetensors": "weights", "notes.txt": "mine"}
 
 
 FSIZE_RUN = """

@@ -98,7 +98,8 @@ def load_student(model_args: ModelArguments, args: DistillationConfig, cache_dir
         if not hasattr(config, name):
             raise ConfigError(f"student_config_overrides: {name!r} is not a field of {type(config).__name__}.")
         setattr(config, name, value)
-    logger.info("Building a randomly initialised student from %s with overrides %s", source, config)
+    overrides = model_args.student_config_overrides or {}
+    logger.info("Building a randomly initialised student from the config of %s (overrides: %s).", source, overrides)
     return auto.from_config(config, trust_remote_code=trust, dtype=None if dtype == "auto" else dtype)
 
 
