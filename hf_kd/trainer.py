@@ -529,8 +529,8 @@ class DistillationTrainer(Seq2SeqTrainer):
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         # Written into a temporary folder, then renamed into place: a failed save leaves the previous files intact.
-        save_atomically(partial(self._save_files, state_dict=state_dict), output_dir or self.args.output_dir,
-                        enabled=self.args.should_save)  # fmt: skip
+        save = partial(self._save_files, state_dict=state_dict)
+        save_atomically(save, output_dir or self.args.output_dir, enabled=self.args.should_save)
 
     def _save_files(self, output_dir: str, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict)
