@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import random
+from functools import partial
 from typing import Any
 
 import torch
@@ -40,6 +41,7 @@ from hf_kd.losses import (
     output_layer,
     score,
 )
+from hf_kd.saving import save_atomically
 from hf_kd.student.hidden import PROJECTION_FILE, HiddenStateDistiller
 from hf_kd.teachers import (
     CachedTeacher,
@@ -565,9 +567,14 @@ class DistillationTrainer(Seq2SeqTrainer):
         return loss
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # Written into a temporary folder, then renamed into place: a failed save leaves the previous files intact.
+        save = partial(self._save_files, state_dict=state_dict)
+        save_atomically(save, output_dir or self.args.output_dir, enabled=self.args.should_save)
+
+    def _save_files(self, output_dir: str, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict)
         if self.hidden_distiller is not None:
-            self.hidden_distiller.save_pretrained(output_dir if output_dir is not None else self.args.output_dir)
+            self.hidden_distiller.save_pretrained(output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)

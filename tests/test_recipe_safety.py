@@ -92,7 +92,8 @@ def test_distill_refuses_a_finished_run_unless_asked_to_resume_or_overwrite(mode
     assert _distill(capsys, config, "--resume_from_checkpoint", "true", "--max_steps", "3")[0] == 0
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] >= 3  # continued, not restarted
 
-    (out / "checkpoint-9").mkdir()  # a checkpoint of the run being replaced
+    (out / "checkpoint-9").mkdir()  # a checkpoint of the run being replaced (the Trainer's: with its state)
+    shutil.copy(out / "trainer_state.json", out / "checkpoint-9" / "trainer_state.json")
     assert _distill(capsys, config, "--overwrite_output_dir", "true", "--max_steps", "1")[0] == 0
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 1
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]  # no resume into the old run

@@ -7,13 +7,16 @@ import argparse
 import logging
 import sys
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from hf_kd.cli.common import run_command
 from hf_kd.config import DistillationConfig
+from hf_kd.errors import ConfigError
 from hf_kd.recipe.args import DataArguments, parse_recipe_config, recipe_parser
 from hf_kd.recipe.run import TASKS, run_recipe
+from hf_kd.saving import SaveError
 
 logger = logging.getLogger(__name__)
 
@@ -72,19 +75,48 @@ def _take_unknown_options_as_overrides(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`hf-kd distill`: returns 0, or 2 after a one-line error naming the bad key, value or path."""
-    return run_command("hf-kd distill", lambda a: distill(a.config, a.overrides, getattr(a, "task", None)), args)
+    body = lambda a: distill(a.config, a.overrides, getattr(a, "task", None))  # noqa: E731
+    return run_command("hf-kd distill", body, args, errors=(ConfigError, SaveError))
 
 
 def distill(config: str, overrides: Sequence[str], task: str | None) -> int:
-    """Run the recipe ``config`` with ``--key value`` ``overrides``; say where the result went."""
+    """Run the recipe ``config`` with ``--key value`` ``overrides``; say where the result went (once, from the
+    main process, under a multi-process launch)."""
     model_args, data_args, training_args = parse_recipe_config(config, list(overrides))
-    metrics = run_recipe(model_args, data_args, training_args, task=task)
-    if data_args.save_tokenized_train:
-        print(_tokenised_message(data_args, training_args, metrics["train_samples"]))
-        return 0
-    logger.info("Distillation finished: %s", metrics)
+    main_process = training_args.process_index == 0
+    with _hf_kd_logging(main_process):
+        metrics = run_recipe(model_args, data_args, training_args, task=task)
+        if not main_process:
+            return 0
+        if data_args.save_tokenized_train:
+            print(_tokenised_message(data_args, training_args, metrics["train_samples"]))
+            return 0
+        logger.info("Distillation finished: %s", metrics)
     print(f"Saved the student to {training_args.output_dir}")
     return 0
+
+
+@contextmanager
+def _hf_kd_logging(main_process: bool) -> Iterator[None]:
+    """hf_kd's log lines (what the run does with each split, what it deletes ...) on stderr, from the main process
+    only; the other processes say warnings and errors. A handler is added only when none is set up (the recipe
+    scripts set one)."""
+    hf_kd_logger = logging.getLogger("hf_kd")
+    level, propagate = hf_kd_logger.level, hf_kd_logger.propagate
+    hf_kd_logger.setLevel(logging.INFO if main_process else logging.WARNING)
+    handler = None
+    if not hf_kd_logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        hf_kd_logger.addHandler(handler)
+        hf_kd_logger.propagate = False  # a library may set up the root logger later: each line once
+    try:
+        yield
+    finally:
+        hf_kd_logger.setLevel(level)
+        hf_kd_logger.propagate = propagate
+        if handler is not None:
+            hf_kd_logger.removeHandler(handler)
 
 
 def _tokenised_message(data_args: DataArguments, args: DistillationConfig, rows: int) -> str:
@@ -106,4 +138,4 @@ def main(task: str, argv: Sequence[str] | None = None) -> int:
         recipe_parser().print_help()
         return 0
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    return run_command(script, lambda a: distill(a[0], a[1:], task), argv)
+    return run_command(script, lambda a: distill(a[0], a[1:], task), argv, errors=(ConfigError, SaveError))

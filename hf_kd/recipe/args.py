@@ -25,6 +25,7 @@ from transformers import HfArgumentParser
 
 from hf_kd.config import DistillationConfig
 from hf_kd.errors import ConfigError
+from hf_kd.recipe.output import LOCK_NAME
 
 STDLIB_DOCSTRINGS = "hf_kd/stdlib_docstrings"
 
@@ -150,6 +151,15 @@ class DataArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only the first N evaluation rows."})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenisation."})
     cache_dir: str | None = field(default=None, metadata={"help": "Where data sets and models are cached."})
+    test_split: str | None = field(
+        default="test",
+        metadata={
+            "help": "Split predicted on when do_predict is true (run_summarization.py's test_file): its predict_* "
+            "metrics go to predict_results.json and, with predict_with_generate, its generations to "
+            "generated_predictions.txt."
+        },
+    )
+    max_predict_samples: int | None = field(default=None, metadata={"help": "Keep only the first N test rows."})
     save_tokenized_train: str | None = field(
         default=None,
         metadata={
@@ -172,7 +182,7 @@ class DataArguments:
                 f"validation_split_percentage={self.validation_split_percentage} must be between 0 (no evaluation) "
                 "and 99."
             )
-        for name in ("max_train_samples", "max_eval_samples"):
+        for name in ("max_train_samples", "max_eval_samples", "max_predict_samples"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be a positive number of rows or null.")
 
@@ -183,6 +193,23 @@ TRUST_REMOTE_CODE_SPLIT = (
     "has teacher_trust_remote_code. It is still applied to the teacher too, for now: set teacher_trust_remote_code "
     "(true or false) to say what you mean and silence this warning."
 )
+
+# Keys of transformers' example scripts (run_summarization.py, run_clm.py) taken as hf-kd's key of the same meaning.
+# Their text_column is hf-kd's text_column for causal models and its source_column for encoder-decoder ones
+# (hf_kd.recipe.data.adopt_example_columns).
+KEY_ALIASES = {"summary_column": "target_column"}
+# Keys of those scripts that hf-kd names or does otherwise: what to use instead.
+EXAMPLE_KEYS = {
+    "model_name_or_path": "student_model_name_or_path",
+    "config_name": "student_config",
+    "tokenizer_name": "tokenizer_name_or_path",
+    "torch_dtype": "dtype",
+    "train_file": 'data_files (e.g. {"train": FILE, "validation": FILE, "test": FILE})',
+    "validation_file": 'data_files (e.g. {"train": FILE, "validation": FILE})',
+    "test_file": 'data_files (e.g. {"train": FILE, "test": FILE}) with do_predict',
+    "val_max_target_length": "generation_max_length",
+    "num_beams": "generation_num_beams",
+}
 
 
 def _json_field(name: str, text: str) -> Any:
@@ -286,12 +313,17 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
 def check_values(values: dict[str, Any], source: str) -> dict[str, Any]:
     """Check every key exists and every value has its field's type; returns the values, converted."""
     known, choices = field_types(), field_choices()
-    checked = {}
+    checked: dict[str, Any] = {}
     for key, value in values.items():
+        if key in KEY_ALIASES:
+            alias, key = key, KEY_ALIASES[key]
+            if key in values and values[key] != value:
+                raise ConfigError(
+                    f"{source}: {alias}={value!r} and {key}={values[key]!r} name the same setting ({alias} is "
+                    f"the example scripts' name for {key}); keep one."
+                )
         if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{source}: unknown key {key!r}{hint}.")
+            raise ConfigError(f"{source}: unknown key {key!r}{_unknown_key_hint(key, known)}.")
         ok, converted = _coerce(value, known[key])
         if not ok:
             raise ConfigError(
@@ -301,6 +333,17 @@ def check_values(values: dict[str, Any], source: str) -> dict[str, Any]:
             raise ConfigError(f"{source}: {key!r} must be one of {choices[key]}, got {value!r}.")
         checked[key] = converted
     return checked
+
+
+def _unknown_key_hint(key: str, known: dict[str, Any]) -> str:
+    """What to write instead: hf-kd's name for an example script's key, else the closest key (aliases included)."""
+    if key in EXAMPLE_KEYS:
+        return f" (transformers' example scripts name it so; hf-kd's key is {EXAMPLE_KEYS[key]})"
+    close = difflib.get_close_matches(key, [*known, *KEY_ALIASES, *EXAMPLE_KEYS], n=1)
+    if not close:
+        return ""
+    name = KEY_ALIASES.get(close[0], close[0])
+    return f" (did you mean {name!r}?)" if name in known else f" (did you mean {EXAMPLE_KEYS[name]}?)"
 
 
 def parse_overrides(tokens: list[str]) -> dict[str, str]:
@@ -338,13 +381,14 @@ def check_overrides(texts: dict[str, str]) -> dict[str, Any]:
         try:
             values.update(check_values({key: value}, "command line"))
         except ConfigError:
-            if value == text or key not in field_types():
+            name = KEY_ALIASES.get(key, key)
+            if value == text or name not in field_types():
                 raise
             try:
                 values.update(check_values({key: text}, "command line"))
             except ConfigError:
                 raise ConfigError(
-                    f"command line: {key!r} must be {_type_name(field_types()[key])}, got {text!r}."
+                    f"command line: {key!r} must be {_type_name(field_types()[name])}, got {text!r}."
                 ) from None
     return values
 
@@ -352,8 +396,10 @@ def check_overrides(texts: dict[str, str]) -> dict[str, Any]:
 def load_yaml_config(path: str | Path) -> dict[str, Any]:
     """The mapping in a YAML file, or a :class:`ConfigError` naming the file."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a folder; give the recipe's YAML file.")
     if not path.is_file():
-        raise ConfigError(f"config file not found: {str(path)!r}.")
+        raise ConfigError(f"config file {str(path)!r} {missing_reason(path)}.")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:
@@ -367,6 +413,19 @@ def load_yaml_config(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe config is a mapping of key: value, got a {type(data).__name__}.")
     return data
+
+
+def missing_reason(path: str | os.PathLike) -> str:
+    """Why a path that should exist does not: "does not exist", or what stands in its way."""
+    path = Path(path)
+    if path.is_symlink():
+        return f"is a symbolic link to {os.readlink(path)!r}, which does not exist"
+    for parent in path.parents:
+        if parent.is_dir():
+            return "does not exist"
+        if parent.exists() or parent.is_symlink():
+            return f"is under {str(parent)!r}, which is a file, not a folder"
+    return "does not exist"
 
 
 def not_utf8(data: bytes, err: UnicodeDecodeError, first_line: int = 1) -> str:
@@ -440,7 +499,7 @@ def check_output_folder(
             )
     if overwrite or resume or not out.is_dir():
         return
-    held = sorted(p.name for p in out.iterdir())
+    held = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME)  # the lock: this run's own
     if not held:
         return
     shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
@@ -462,7 +521,11 @@ def parse_recipe_config(
     """Read a recipe config, apply overrides (``--key value`` tokens or a dict) and build its arguments."""
     values = check_values(load_yaml_config(path), str(path)) if path is not None else {}
     if isinstance(overrides, dict):
-        values.update(check_values(overrides, "command line"))
-    elif overrides:
-        values.update(check_overrides(parse_overrides(list(overrides))))
+        given = check_values(overrides, "command line")
+    else:
+        given = check_overrides(parse_overrides(list(overrides))) if overrides else {}
+    if "text_column" in given and "source_column" not in given:
+        # run_summarization.py's --text_column names the source: it overrides the config's source_column too
+        values.pop("source_column", None)
+    values.update(given)
     return build_recipe_args(values)

@@ -12,7 +12,7 @@ from typing import Any
 import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
-from hf_kd.recipe.args import STDLIB_DOCSTRINGS, ConfigError, DataArguments, not_utf8
+from hf_kd.recipe.args import STDLIB_DOCSTRINGS, ConfigError, DataArguments, missing_reason, not_utf8
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,8 @@ def load_raw_datasets(data_args: DataArguments, task: str) -> DatasetDict:
             return _load_saved(files)
         for split, path in files.items():
             if not Path(path).is_file():
-                what = "is a folder but not one saved with save_to_disk" if Path(path).is_dir() else "does not exist"
+                folder = Path(path).is_dir()
+                what = "is a folder but not one saved with save_to_disk" if folder else missing_reason(path)
                 raise ConfigError(f"data_files: the {split!r} file {str(path)!r} {what}.")
         suffixes = {Path(p).suffix.lower() for p in files.values()}
         builders = {_BUILDERS.get(s) for s in suffixes}
@@ -154,6 +155,64 @@ def select_splits(raw: DatasetDict, data_args: DataArguments) -> tuple[Dataset, 
     if evaluation is not None and data_args.max_eval_samples is not None:
         evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
     return train, evaluation
+
+
+def select_test(raw: DatasetDict, data_args: DataArguments, do_predict: bool) -> Dataset | None:
+    """The split predicted on (cut to max_predict_samples) when ``do_predict``; a ConfigError when there is none."""
+    if not do_predict:
+        return None
+    if data_args.test_split not in raw:
+        raise ConfigError(
+            f"do_predict: the data has no test_split={data_args.test_split!r} split (its splits: {sorted(raw)}); add "
+            'one (e.g. data_files: {"train": ..., "test": FILE}), name another with test_split, or set do_predict: '
+            "false."
+        )
+    test = raw[data_args.test_split]
+    if data_args.max_predict_samples is not None:
+        test = test.select(range(min(data_args.max_predict_samples, len(test))))
+    return test
+
+
+def split_uses(raw: DatasetDict, data_args: DataArguments, evaluated: bool, do_predict: bool) -> list[str]:
+    """One line per split of the data: what the run does with it."""
+    lines = []
+    used = [data_args.train_split, data_args.eval_split, data_args.test_split]
+    for name in sorted(raw, key=lambda split: used.index(split) if split in used else len(used)):
+        rows = f"split {name!r} ({len(raw[name])} rows)"
+        if name == data_args.train_split:
+            use = "trained on"
+        elif name == data_args.eval_split:
+            use = "evaluated on" if evaluated else "not used: evaluation is off"
+        elif name == data_args.test_split:
+            use = "predicted on (do_predict)" if do_predict else "not used: do_predict is off (true predicts on it)"
+        else:
+            use = (
+                f"not used: only train_split={data_args.train_split!r}, eval_split={data_args.eval_split!r} and "
+                f"test_split={data_args.test_split!r} are"
+            )
+        lines.append(f"Data: {rows}: {use}.")
+    return lines
+
+
+def adopt_example_columns(data_args: DataArguments, task: str) -> None:
+    """transformers' run_summarization.py calls the source column of an encoder-decoder model ``text_column``;
+    hf-kd calls it ``source_column`` (its ``text_column`` is the causal models' text). A text_column set for an
+    encoder-decoder model is taken as its source, unless source_column names another column."""
+    fields = DataArguments.__dataclass_fields__
+    default_text, default_source = fields["text_column"].default, fields["source_column"].default
+    if task != "seq2seq" or data_args.text_column in (default_text, data_args.source_column):
+        return
+    if data_args.source_column != default_source:
+        raise ConfigError(
+            f"text_column={data_args.text_column!r} and source_column={data_args.source_column!r}: for an "
+            "encoder-decoder model both name the source text (text_column as in run_summarization.py); keep one."
+        )
+    logger.info(
+        "text_column=%r is the source text of this encoder-decoder model (run_summarization.py's name for "
+        "hf-kd's source_column).",
+        data_args.text_column,
+    )
+    data_args.source_column = data_args.text_column
 
 
 def check_columns(dataset: Dataset, names: dict[str, str]) -> None:

@@ -8,7 +8,6 @@ command lines that run it, `hf-kd distill` and recipes/distill_*.py, are in :mod
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +24,30 @@ from transformers import (
     PreTrainedModel,
     default_data_collator,
 )
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, get_last_checkpoint
+from transformers.trainer_utils import IntervalStrategy, SaveStrategy, get_last_checkpoint
 
 from hf_kd.config import DistillationConfig
 from hf_kd.errors import check_model_folder, check_source_path, first_line
-from hf_kd.recipe.args import STDLIB_DOCSTRINGS, ConfigError, DataArguments, ModelArguments, check_output_folder
-from hf_kd.recipe.data import check_columns, load_raw_datasets, select_splits, tokenize_causal, tokenize_seq2seq
+from hf_kd.recipe.args import (
+    STDLIB_DOCSTRINGS,
+    ConfigError,
+    DataArguments,
+    ModelArguments,
+    check_output_folder,
+    missing_reason,
+)
+from hf_kd.recipe.data import (
+    adopt_example_columns,
+    check_columns,
+    load_raw_datasets,
+    select_splits,
+    select_test,
+    split_uses,
+    tokenize_causal,
+    tokenize_seq2seq,
+)
+from hf_kd.recipe.output import OutputLock, check_checkpoint_folders, clear_replaced_run
+from hf_kd.saving import SAVE_ERRORS, SaveError, save_elsewhere
 from hf_kd.teachers.loading import has_vocabulary
 from hf_kd.trainer import DistillationTrainer
 
@@ -87,7 +104,8 @@ def load_student(model_args: ModelArguments, args: DistillationConfig, cache_dir
         if not hasattr(config, name):
             raise ConfigError(f"student_config_overrides: {name!r} is not a field of {type(config).__name__}.")
         setattr(config, name, value)
-    logger.info("Building a randomly initialised student from %s with overrides %s", source, config)
+    overrides = model_args.student_config_overrides or {}
+    logger.info("Building a randomly initialised student from the config of %s (overrides: %s).", source, overrides)
     return auto.from_config(config, trust_remote_code=trust, dtype=None if dtype == "auto" else dtype)
 
 
@@ -175,23 +193,47 @@ def _sources(model_args: ModelArguments, data_args: DataArguments, args: Distill
     }
 
 
+def input_paths(model_args: ModelArguments, data_args: DataArguments, args: DistillationConfig) -> dict[str, Path]:
+    """The local files and folders the run reads (resolved), by the config key that names them."""
+    sources = _sources(model_args, data_args, args)
+    return {key: Path(path).resolve() for key, path in sources.items() if path and Path(path).exists()}
+
+
 def check_paths(model_args: ModelArguments, data_args: DataArguments, args: DistillationConfig) -> None:
-    """Before anything is loaded: the named paths exist, the model folders can be loaded, and the folder written
-    to is neither a source nor a finished run (unless overwrite_output_dir or resume_from_checkpoint says so)."""
+    """Before anything is loaded: the named paths exist and the model folders can be loaded."""
     sources = _sources(model_args, data_args, args)
     for key in ("teacher_model_name_or_path", "student_model_name_or_path", "student_config", "tokenizer_name_or_path"):
         check_source_path(key, sources[key])
+        if key != "student_config" and sources[key] and Path(sources[key]).is_file():  # a config.json is fine there
+            raise ConfigError(f"{key}={sources[key]!r} is a file; name the folder that holds it (or a Hub id).")
+    for key, path in (("cache_dir", data_args.cache_dir), ("teacher_cache", args.teacher_cache)):
+        if path and Path(path).exists() and not Path(path).is_dir():
+            raise ConfigError(f"{key}={path!r} is a file; name a folder.")
+        if path and not Path(path).exists() and "under" in missing_reason(path):
+            raise ConfigError(f"{key}={path!r} {missing_reason(path)}; name a folder.")
     init_kwargs = args.teacher_model_init_kwargs or {}
     check_model_folder(
         "teacher_model_name_or_path", args.teacher_model_name_or_path, init_kwargs.get("use_safetensors", True)
     )
     check_model_folder("student_model_name_or_path", model_args.student_model_name_or_path)
+
+
+def _resuming(args: DistillationConfig) -> bool:
+    return args.resume_from_checkpoint not in (None, "", "false", "False")
+
+
+def check_output(model_args: ModelArguments, data_args: DataArguments, args: DistillationConfig) -> None:
+    """The folder written to is neither a source nor a finished run (unless overwrite_output_dir or
+    resume_from_checkpoint says so), and this run's checkpoints replace or delete nothing it reads or the user made."""
+    sources = _sources(model_args, data_args, args)
     overwrite = model_args.overwrite_output_dir
     if data_args.save_tokenized_train:
         check_output_folder("save_tokenized_train", data_args.save_tokenized_train, sources, overwrite)
-    else:
-        resume = args.resume_from_checkpoint not in (None, "", "false", "False")
-        check_output_folder("output_dir", args.output_dir, sources, overwrite, resume)
+        return
+    check_output_folder("output_dir", args.output_dir, sources, overwrite, _resuming(args))
+    saves = args.save_strategy != SaveStrategy.NO
+    inputs = input_paths(model_args, data_args, args)
+    check_checkpoint_folders(args.output_dir, inputs, saves, args.save_total_limit, _resuming(args))
 
 
 def resume_point(args: DistillationConfig) -> str | None:
@@ -215,7 +257,8 @@ def resume_point(args: DistillationConfig) -> str | None:
 def prepare(
     model_args: ModelArguments, data_args: DataArguments, args: DistillationConfig, task: str | None = None
 ) -> dict[str, Any]:
-    """Everything the trainer takes: student, tokenizer, datasets, collator, compute_metrics; and the task.
+    """Everything the trainer takes: student, tokenizer, datasets, collator, compute_metrics; and the task and the
+    tokenised test split (``predict_dataset``, None without do_predict).
 
     ``task`` ("seq2seq" / "causal"), when given, must be what the models are (the recipe scripts pass it).
     """
@@ -243,6 +286,7 @@ def prepare(
     with args.main_process_first(desc="loading the data"):
         raw = load_raw_datasets(data_args, found)
     train, evaluation = select_splits(raw, data_args)
+    test = select_test(raw, data_args, args.do_predict)
     if evaluation is None and args.eval_strategy != IntervalStrategy.NO:
         if args.load_best_model_at_end:
             raise ConfigError(
@@ -250,12 +294,15 @@ def prepare(
             )
         logger.warning("No eval split (eval_split=%r): evaluation is off for this run.", data_args.eval_split)
         args.eval_strategy = IntervalStrategy.NO
+    for line in split_uses(raw, data_args, evaluation is not None, args.do_predict):
+        logger.info(line)
+    adopt_example_columns(data_args, found)
     columns = (
         {"source_column": data_args.source_column, "target_column": data_args.target_column}
         if found == "seq2seq"
         else {"text_column": data_args.text_column}
     )
-    for split in (train, evaluation):
+    for split in (train, evaluation, test):
         if split is not None:
             check_columns(split, columns)
 
@@ -265,13 +312,17 @@ def prepare(
         tokenizer.pad_token = tokenizer.eos_token  # GPT-2 has no pad token; padded labels are -100 anyway
     with args.main_process_first(desc="tokenisation"):
         if found == "seq2seq":
-            train = tokenize_seq2seq(train, tokenizer, data_args)
-            evaluation = tokenize_seq2seq(evaluation, tokenizer, data_args) if evaluation is not None else None
+            train, evaluation, test = (
+                tokenize_seq2seq(split, tokenizer, data_args) if split is not None else None
+                for split in (train, evaluation, test)
+            )
             collator = DataCollatorForSeq2Seq(tokenizer, model=student, pad_to_multiple_of=8 if args.fp16 else None)
         else:
             limit = _max_positions(student.config, teacher_config)
-            train = tokenize_causal(train, tokenizer, data_args, limit)
-            evaluation = tokenize_causal(evaluation, tokenizer, data_args, limit) if evaluation is not None else None
+            train, evaluation, test = (
+                tokenize_causal(split, tokenizer, data_args, limit) if split is not None else None
+                for split in (train, evaluation, test)
+            )
             collator = (
                 default_data_collator
                 if data_args.group_texts
@@ -284,6 +335,7 @@ def prepare(
         "processing_class": tokenizer,
         "train_dataset": train,
         "eval_dataset": evaluation,
+        "predict_dataset": test,
         "data_collator": collator,
         "compute_metrics": compute_metrics,
     }
@@ -292,14 +344,26 @@ def prepare(
 def run_recipe(
     model_args: ModelArguments, data_args: DataArguments, args: DistillationConfig, task: str | None = None
 ) -> dict[str, float]:
-    """Distill, evaluate on the eval split (when there is one), save the student and its model card.
+    """Distill, evaluate on the eval split (when there is one), predict on the test split (do_predict), save the
+    student and its model card.
 
-    Returns the train metrics merged with the eval metrics.
+    The folder written is locked for the run (:class:`hf_kd.recipe.output.OutputLock`; the main process holds it
+    for all). Returns the train metrics merged with the eval and predict metrics.
     """
     check_paths(model_args, data_args, args)
+    key = "save_tokenized_train" if data_args.save_tokenized_train else "output_dir"
+    folder = data_args.save_tokenized_train or args.output_dir
+    with OutputLock(folder, key, active=args.process_index == 0):
+        check_output(model_args, data_args, args)
+        return _run(model_args, data_args, args, task)
+
+
+def _run(
+    model_args: ModelArguments, data_args: DataArguments, args: DistillationConfig, task: str | None
+) -> dict[str, float]:
     checkpoint = None if data_args.save_tokenized_train else resume_point(args)
     parts = prepare(model_args, data_args, args, task)
-    parts.pop("task")
+    found, test = parts.pop("task"), parts.pop("predict_dataset")
     if data_args.save_tokenized_train:
         parts["train_dataset"].save_to_disk(data_args.save_tokenized_train)
         return {"train_samples": len(parts["train_dataset"])}
@@ -309,8 +373,14 @@ def run_recipe(
     except ValueError as err:  # the trainer's refusals (TokenizerMismatchError too) name the setting and the fix
         raise ConfigError(" ".join(str(err).split())) from None
     if model_args.overwrite_output_dir and checkpoint is None and trainer.is_world_process_zero():
-        _remove_old_checkpoints(args.output_dir)
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+        clear_replaced_run(args.output_dir, list(input_paths(model_args, data_args, args).values()))
+    try:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+    except SAVE_ERRORS as err:  # a checkpoint could not be written; the student in memory still can be, elsewhere
+        if not trainer.is_world_process_zero():
+            raise
+        what = f"training stopped at step {trainer.state.global_step}: no checkpoint in {args.output_dir}"
+        raise _save_failed(trainer, err, what, "") from None
     if use_cache is not None:  # activation checkpointing turns the KV cache off; the saved student wants it on
         trainer.model.config.use_cache = use_cache
     metrics = dict(result.metrics)
@@ -318,7 +388,7 @@ def run_recipe(
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
     trainer.save_state()
-    trainer.save_model()  # before the final evaluation: if that fails, the trained student is kept
+    save_student(trainer)  # before the final evaluation: if that fails, the trained student is kept
     if parts["eval_dataset"] is not None:
         try:
             eval_metrics = _final_eval_metrics(trainer) or trainer.evaluate()
@@ -329,26 +399,73 @@ def run_recipe(
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
+    predict_metrics = predict(trainer, test, found) if test is not None else {}
+    metrics.update(predict_metrics)
     on_hub = data_args.dataset_name not in (None, STDLIB_DOCSTRINGS)
     trainer.create_model_card(  # the base model is left to the trainer: it names Hub checkpoints only
         model_name=args.hub_model_id or None,
-        tasks="text2text-generation" if task_of(trainer.model.config) == "seq2seq" else "text-generation",
+        tasks="text2text-generation" if found == "seq2seq" else "text-generation",
         dataset=data_args.dataset_name or "local files",
         dataset_tags=data_args.dataset_name if on_hub else None,
         dataset_args=data_args.dataset_config_name if on_hub else None,
+        metrics=predict_metrics or None,
     )
     if args.push_to_hub:
         trainer.push_to_hub()
     return metrics
 
 
-def _remove_old_checkpoints(output_dir: str) -> None:
-    """overwrite_output_dir: the replaced run's checkpoint folders go, so that a later resume cannot continue it."""
-    old = sorted(Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*")) if Path(output_dir).is_dir() else []
-    if old:
-        logger.warning("overwrite_output_dir: deleting the replaced run's %s.", ", ".join(p.name for p in old))
-    for path in old:
-        shutil.rmtree(path)
+def save_student(trainer: DistillationTrainer) -> None:
+    """``trainer.save_model()`` (atomic: see :mod:`hf_kd.saving`); when output_dir cannot take it, a
+    :class:`~hf_kd.saving.SaveError` saying where the trained weights went instead."""
+    try:
+        trainer.save_model()
+    except SAVE_ERRORS as err:
+        if not trainer.is_world_process_zero():
+            raise
+        what = f"cannot save the student to {trainer.args.output_dir}"
+        raise _save_failed(trainer, err, what, "; the files there are as before") from None
+
+
+def _save_failed(trainer: DistillationTrainer, err: BaseException, what: str, note: str) -> SaveError:
+    """The error of a failed save, after a second try into the system's temporary folder: where the weights are."""
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:  # the full weights are gathered in save_model only
+        folder, again = None, "not tried: the weights are sharded across the processes"
+    else:
+        folder, again = save_elsewhere(trainer._save)
+    if folder is not None:
+        where = f"the student was saved to {folder} instead: move it where it belongs"
+    else:
+        out = trainer.args.output_dir
+        last = get_last_checkpoint(out) if Path(out).is_dir() else None
+        where = f"saving it to the temporary folder failed too ({again}): the trained weights are lost" + (
+            f"; {last} holds those of its step" if last else ""
+        )
+    return SaveError(f"{what} ({type(err).__name__}: {first_line(err, 200)}){note}; {where}.")
+
+
+def predict(trainer: DistillationTrainer, dataset: Any, task: str) -> dict[str, float]:
+    """do_predict, as in transformers' run_summarization.py: ``predict_*`` metrics of the test split, saved to
+    predict_results.json (and all_results.json), and with predict_with_generate (encoder-decoder models) the
+    generations, one a line, in generated_predictions.txt."""
+    args = trainer.args
+    generate = task == "seq2seq" and args.predict_with_generate
+    loss_only = args.prediction_loss_only
+    args.prediction_loss_only = not generate  # otherwise every token's logits are gathered, for nothing
+    try:
+        output = trainer.predict(dataset, metric_key_prefix="predict")
+    finally:
+        args.prediction_loss_only = loss_only
+    metrics = {**output.metrics, "predict_samples": len(dataset)}
+    trainer.log_metrics("predict", metrics)
+    trainer.save_metrics("predict", metrics)
+    if generate and trainer.is_world_process_zero():
+        tokenizer = trainer.processing_class
+        ids = np.where(output.predictions < 0, tokenizer.pad_token_id, output.predictions)
+        texts = tokenizer.batch_decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)
+        path = Path(args.output_dir) / "generated_predictions.txt"
+        path.write_text("\n".join(text.strip() for text in texts), encoding="utf-8")
+    return metrics
 
 
 def _final_eval_metrics(trainer: DistillationTrainer) -> dict[str, float] | None:
