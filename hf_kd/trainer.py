@@ -29,6 +29,7 @@ from hf_kd.card import (
     public_name,
 )
 from hf_kd.config import DistillationConfig
+from hf_kd.fsdp import drop_tied_copies
 from hf_kd.generation import generate_causal_targets, generate_seq2seq_targets
 from hf_kd.losses import (
     IGNORE_INDEX,
@@ -526,6 +527,8 @@ class DistillationTrainer(Seq2SeqTrainer):
         return loss
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if state_dict is not None and self.is_fsdp_enabled:  # FSDP's full state dict unties tied weights
+            state_dict = drop_tied_copies(state_dict, self.model)
         super()._save(output_dir, state_dict)
         if self.hidden_distiller is not None:
             self.hidden_distiller.save_pretrained(output_dir if output_dir is not None else self.args.output_dir)

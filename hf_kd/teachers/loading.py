@@ -13,6 +13,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 from hf_kd.errors import ConfigError, TokenizerMismatchError, check_source_path, first_line
+from hf_kd.fsdp import shard_teacher
 
 logger = logging.getLogger(__name__)
 
@@ -176,6 +177,7 @@ def prepare_teacher(teacher: nn.Module, args: Any, accelerator: Accelerator) -> 
         return _prepare_deepspeed(teacher, accelerator)
     if accelerator.distributed_type == DistributedType.FSDP:
         check_fsdp_loading(accelerator)
+        teacher = shard_teacher(teacher, accelerator)  # prepare_model neither moves nor shards it under FSDP
     # evaluation_mode: moved to the device and under autocast, but not wrapped in DDP.
     return accelerator.prepare_model(teacher, evaluation_mode=True)
 
