@@ -2,7 +2,9 @@
 
 Run from the repository root: ``python benchmarks/run.py`` (CPU, float32) or ``python benchmarks/run.py --device
 cuda`` (bf16 on a CUDA device). Every measurement runs in a fresh subprocess so that one variant's allocations
-cannot hide or inflate another's. Results go to ``benchmarks/results/<device>.json`` and ``<device>.md``. See
+cannot hide or inflate another's. Results go to ``benchmarks/results/<device>.json`` and ``<device>.md`` (``--name``
+changes the stem). Sections: ``steps`` (a training step), ``loss`` (the loss alone, against TRL's GKD loss and
+Liger-Kernel's fused linear JSD when they are installed) and ``cache`` (``hf-kd cache-teacher`` throughput); see
 benchmarks/README.md for what is measured and how.
 """
 
@@ -39,6 +41,16 @@ STEP_WORKLOAD = {
     "chunk_size": 1024,
 }
 LOSS_WORKLOAD = {"vocabs": [32000, 50257], "batch": 8, "seq": 512, "hidden": 256, "chunk_size": 1024}
+# hf-kd cache-teacher over random rows with a GPT-2-small-sized teacher (random weights: the speed is the same).
+CACHE_WORKLOAD = {
+    "vocab": 50257,
+    "rows": 512,
+    "seq": 512,
+    "k": 64,
+    "tail_samples": 64,
+    "batch_size": 32,
+    "teacher": {"n_layer": 12, "n_embd": 768, "n_head": 12},
+}
 STEP_VARIANTS = [
     "ce_only",
     "teacher_forward",
@@ -52,7 +64,17 @@ STEP_VARIANTS = [
     "trl_gkd_default",
     "hand_written_kl",
 ]
-LOSS_VARIANTS = ["naive", "hand_written_kl", "chunked", "naive_from_hidden", "chunked_from_hidden", "fused"]
+LOSS_VARIANTS = [
+    "naive",
+    "hand_written_kl",
+    "chunked",
+    "naive_from_hidden",
+    "chunked_from_hidden",
+    "fused",
+    "trl_gkd_loss",
+    "liger_fused_jsd",
+]
+FROM_HIDDEN = ("naive_from_hidden", "chunked_from_hidden", "fused", "trl_gkd_loss", "liger_fused_jsd")
 
 
 # ---- measuring ---------------------------------------------------------------------------------------------------
@@ -288,15 +310,23 @@ def _loss_worker(variant: str, device: str, vocab: int, warmup: int, steps: int)
     g = torch.Generator().manual_seed(0)
     shape = (w["batch"], w["seq"])
     labels = torch.randint(0, vocab, shape, generator=g).to(device)
-    from_hidden = variant.endswith("from_hidden") or variant == "fused"
+    from_hidden = variant in FROM_HIDDEN
+    baseline = _baseline_loss(variant, w["chunk_size"], device)  # TRL's or Liger's, when installed
     if from_hidden:
         hidden = torch.randn(*shape, w["hidden"], generator=g).to(device, dtype).requires_grad_(True)
         weight = (torch.randn(vocab, w["hidden"], generator=g) * 0.05).to(device, dtype).requires_grad_(True)
     else:
         logits = torch.randn(*shape, vocab, generator=g).to(device, dtype).requires_grad_(True)
-    teacher = torch.randn(*shape, vocab, generator=g).to(device, dtype)
+    if variant == "liger_fused_jsd":  # Liger takes the teacher's hidden states and output layer, not its logits
+        teacher_hidden = torch.randn(*shape, w["hidden"], generator=g).to(device, dtype).flatten(0, 1)
+        teacher_weight = (torch.randn(vocab, w["hidden"], generator=g) * 0.05).to(device, dtype)
+    else:
+        teacher = torch.randn(*shape, vocab, generator=g).to(device, dtype)
 
     def step() -> None:
+        if variant == "liger_fused_jsd":
+            baseline(hidden.flatten(0, 1), weight, teacher_hidden, teacher_weight, labels.flatten()).backward()
+            return
         if variant == "fused":
             out = fused_distillation_loss(hidden, OutputLayer(weight), teacher, labels, chunk_size=w["chunk_size"])
             out.loss.backward()
@@ -306,6 +336,8 @@ def _loss_worker(variant: str, device: str, vocab: int, warmup: int, steps: int)
             loss = distillation_loss(student, teacher, labels).loss
         elif variant.startswith("chunked"):
             loss = chunked_distillation_loss(student, teacher, labels, chunk_size=w["chunk_size"]).loss
+        elif variant == "trl_gkd_loss":
+            loss = baseline(student, teacher, labels, beta=0.0)  # GKDTrainer's loss; beta 0 is the forward KL
         else:  # hand_written_kl
             s = F.log_softmax(student.float(), dim=-1).flatten(0, 1)
             t = F.log_softmax(teacher.float(), dim=-1).flatten(0, 1)
@@ -318,6 +350,70 @@ def _loss_worker(variant: str, device: str, vocab: int, warmup: int, steps: int)
             p.grad = None
 
     return _time_steps(run, meter, warmup, steps)
+
+
+def _baseline_loss(variant: str, chunk_size: int, device: str):
+    """TRL's GKD loss or Liger-Kernel's fused linear JSD for those variants (None for the others)."""
+    if variant == "trl_gkd_loss":
+        try:
+            from trl.experimental.gkd import GKDTrainer
+        except ImportError as e:
+            raise SkipVariant(f"TRL is not installed ({e}); pip install trl to compare") from e
+        return GKDTrainer.generalized_jsd_loss
+    if variant == "liger_fused_jsd":
+        try:
+            from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+        except ImportError as e:
+            raise SkipVariant(f"Liger-Kernel is not installed ({e}); pip install liger-kernel to compare") from e
+        # hf_kd's default mix (CE and forward KL, half each); compiled with torch.compile as Liger's default,
+        # on GPUs only (the CPU smoke run has no compiler to spare).
+        return LigerFusedLinearJSDLoss(
+            weight_hard_loss=0.5, weight_soft_loss=0.5, beta=0.0, chunk_size=chunk_size, compiled=device == "cuda"
+        )
+    return None
+
+
+def _cache_worker(device: str) -> dict[str, Any]:
+    """``hf-kd cache-teacher`` (in this process, after a warm-up run) over random rows: target tokens a second."""
+    import tempfile
+
+    import torch
+    from datasets import Dataset
+
+    from hf_kd.cli import main as hf_kd
+    from hf_kd.teachers.cache_writer import cache_size
+
+    w = CACHE_WORKLOAD
+    meter = Meter(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        _tiny_gpt2(w["vocab"], w["seq"], seed=1, **w["teacher"]).save_pretrained(folder / "teacher")
+        _tokenizer(w["vocab"]).save_pretrained(folder / "teacher")
+        g = torch.Generator().manual_seed(0)
+        rows = torch.randint(3, w["vocab"], (w["rows"], w["seq"]), generator=g).tolist()
+        Dataset.from_dict({"input_ids": rows}).save_to_disk(folder / "data")
+        Dataset.from_dict({"input_ids": rows[: w["batch_size"]]}).save_to_disk(folder / "warmup")
+        options = ["--teacher", str(folder / "teacher"), "--k", str(w["k"]), "--tail-samples", str(w["tail_samples"])]
+        options += ["--batch-size", str(w["batch_size"]), "--shard-size", str(w["rows"]), "--device", device]
+        options += ["--dtype", "bfloat16"] if device == "cuda" else []
+        # The warm-up run pays for the CUDA context and the first kernels.
+        if hf_kd(["cache-teacher", *options, "--dataset", str(folder / "warmup"), "--output", str(folder / "w")]):
+            raise RuntimeError("hf-kd cache-teacher failed on the warm-up rows")
+        base = meter.reset()
+        start = time.perf_counter()
+        if hf_kd(["cache-teacher", *options, "--dataset", str(folder / "data"), "--output", str(folder / "cache")]):
+            raise RuntimeError("hf-kd cache-teacher failed")
+        meter.sync()
+        seconds = time.perf_counter() - start
+        peak = meter.peak()
+        size = cache_size(folder / "cache")
+    return {
+        "seconds": seconds,
+        "target_tokens": size["target_tokens"],
+        "tokens_per_s": size["target_tokens"] / seconds,
+        "bytes_per_target_token": size["bytes_per_target_token"],
+        "peak_extra_bytes": peak - base,
+    }
 
 
 # ---- orchestration -----------------------------------------------------------------------------------------------
@@ -373,8 +469,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (median reported)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--loss-steps", type=int, default=2, help="timed steps per loss-alone variant")
-    parser.add_argument("--only", default="", help="comma-separated sections: steps,loss (default both)")
+    parser.add_argument("--only", default="", help="comma-separated sections: steps,loss,cache (default steps,loss)")
+    parser.add_argument("--variants", default="", help="comma-separated step and loss variants to run (default all)")
+    parser.add_argument("--step-vocab", type=int, help="vocabulary of the training-step models (default 50257)")
+    parser.add_argument("--vocabs", default="", help="comma-separated vocabularies of the loss section")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--name", help="stem of the result files (default: the device)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script runs (not results)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
@@ -387,10 +487,18 @@ def main() -> None:
     if args.smoke:
         STEP_WORKLOAD.update(vocab=1000, batch=2, seq=32, prompt=4, chunk_size=16)
         LOSS_WORKLOAD.update(vocabs=[500], batch=2, seq=16, hidden=32, chunk_size=8)
+        CACHE_WORKLOAD.update(vocab=500, rows=16, seq=32, k=8, tail_samples=8, batch_size=4)
+        CACHE_WORKLOAD["teacher"] = {"n_layer": 2, "n_embd": 32, "n_head": 2}
+    if args.step_vocab:
+        STEP_WORKLOAD["vocab"] = args.step_vocab
+    if args.vocabs:
+        LOSS_WORKLOAD["vocabs"] = [int(v) for v in args.vocabs.split(",")]
     if args.worker:
         try:
             if args.worker == "step":
                 result = _step_worker(args.variant, args.device, args.warmup, args.steps)
+            elif args.worker == "cache":
+                result = _cache_worker(args.device)
             else:
                 result = _loss_worker(args.variant, args.device, args.vocab, args.warmup, args.steps)
         except SkipVariant as e:
@@ -401,8 +509,10 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device here.")
     sections = set(args.only.split(",")) if args.only else {"steps", "loss"}
+    chosen = set(args.variants.split(",")) if args.variants else set(STEP_VARIANTS + LOSS_VARIANTS)
     common = ["--device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup)]
     common += ["--smoke"] if args.smoke else []
+    common += ["--step-vocab", str(args.step_vocab)] if args.step_vocab else []
     report: dict[str, Any] = {
         "command": "python " + " ".join(sys.argv),
         "environment": _environment(args.device, args.threads),
@@ -412,12 +522,12 @@ def main() -> None:
         "loss": {},
     }
     if "steps" in sections:
-        for variant in STEP_VARIANTS:
+        for variant in [v for v in STEP_VARIANTS if v in chosen]:
             print(f"step: {variant} ...", flush=True)
             report["steps"][variant] = _spawn(["--worker", "step", "--variant", variant, *common], args.threads)
     if "loss" in sections:
         for vocab in LOSS_WORKLOAD["vocabs"]:
-            for variant in LOSS_VARIANTS:
+            for variant in [v for v in LOSS_VARIANTS if v in chosen]:
                 print(f"loss: vocab {vocab} {variant} ...", flush=True)
                 loss_args = ["--device", args.device, "--steps", str(args.loss_steps), "--warmup", "1"]
                 loss_args += ["--smoke"] if args.smoke else []
@@ -425,13 +535,18 @@ def main() -> None:
                     ["--worker", "loss", "--variant", variant, "--vocab", str(vocab), *loss_args], args.threads
                 )
                 report["loss"][f"{vocab}/{variant}"] = result
+    if "cache" in sections:
+        print("cache: hf-kd cache-teacher ...", flush=True)
+        report["cache_workload"] = CACHE_WORKLOAD
+        report["cache"] = _spawn(["--worker", "cache", *common], args.threads)
     report["environment"]["load_average_after"] = os.getloadavg()
     report["summary"] = summarize(report)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.device}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / f"{args.device}.md").write_text(markdown(report))
+    name = args.name or args.device
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{name}.md").write_text(markdown(report))
     print(markdown(report))
 
 
@@ -457,13 +572,19 @@ def summarize(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
         for v in ("hf_kd_kl_only", "hf_kd_kl_only_chunked", "hf_kd_kl_only_fused"):
             add(f"time: {v} / {baseline}", t(v), t(baseline), "<= 0.9" if is_trl else "")
             add(f"memory: {v} / {baseline}", m(v), m(baseline), "<= 1.0" if is_trl else "")
-    for key, result in report["loss"].items():
+    loss = report["loss"]
+    for key, result in loss.items():
         vocab, variant = key.split("/")
-        naive = "naive_from_hidden" if "hidden" in variant or variant == "fused" else "naive"
+        naive = "naive_from_hidden" if variant in FROM_HIDDEN else "naive"
         if variant != naive:
             base = report["loss"].get(f"{vocab}/{naive}", {}).get("peak_extra_bytes")
             target = "<= 0.25" if variant in ("chunked", "chunked_from_hidden", "fused") else ""
             add(f"loss memory, vocab {vocab}: {variant} / {naive}", result.get("peak_extra_bytes"), base, target)
+        if variant in ("trl_gkd_loss", "liger_fused_jsd"):  # hf_kd's default and fused paths against them
+            for ours in ("chunked_from_hidden", "fused"):
+                mine = loss.get(f"{vocab}/{ours}", {})
+                for what, key in (("time", "step_s_median"), ("memory", "peak_extra_bytes")):
+                    add(f"loss {what}, vocab {vocab}: {ours} / {variant}", mine.get(key), result.get(key))
     return summary
 
 
@@ -519,6 +640,22 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {key} | {r['step_s_median']:.3f} | {_mib(r['peak_extra_bytes'])} |")
         else:
             lines.append(f"| {key} | {r.get('skipped') or r.get('error')} | |")
+    if "cache" in report:
+        cw, r = report["cache_workload"], report["cache"]
+        lines += [
+            "",
+            f"## hf-kd cache-teacher (teacher {_size(cw['teacher'])}, vocab {cw['vocab']}, {cw['rows']} rows x "
+            f"{cw['seq']} tokens, k {cw['k']} + {cw['tail_samples']} tail samples, batch {cw['batch_size']})",
+            "",
+        ]
+        if "tokens_per_s" in r:
+            lines.append(
+                f"{r['target_tokens']:,} target tokens in {r['seconds']:.2f} s: **{r['tokens_per_s']:,.0f} target "
+                f"tokens/s**, {r['bytes_per_target_token']:.0f} bytes each, peak memory {_mib(r['peak_extra_bytes'])} "
+                "MiB above the start"
+            )
+        else:
+            lines.append(f"{r.get('skipped') or r.get('error')}")
     return "\n".join(lines) + "\n"
 
 

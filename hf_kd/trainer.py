@@ -31,6 +31,7 @@ from hf_kd.card import (
     public_name,
 )
 from hf_kd.config import DistillationConfig
+from hf_kd.fsdp import drop_tied_copies
 from hf_kd.generation import generate_causal_targets, generate_seq2seq_targets
 from hf_kd.losses import (
     IGNORE_INDEX,
@@ -567,6 +568,8 @@ class DistillationTrainer(Seq2SeqTrainer):
         return loss
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if state_dict is not None and self.is_fsdp_enabled:  # FSDP's full state dict unties tied weights
+            state_dict = drop_tied_copies(state_dict, self.model)
         # Written into a temporary folder, then renamed into place: a failed save leaves the previous files intact.
         save = partial(self._save_files, state_dict=state_dict)
         save_atomically(save, output_dir or self.args.output_dir, enabled=self.args.should_save)

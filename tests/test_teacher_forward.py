@@ -119,10 +119,11 @@ def test_fsdp_cpu_ram_efficient_loading_is_refused_for_the_teacher(efficient: bo
     from hf_kd.teachers.loading import prepare_teacher
 
     assert "cpu_ram_efficient_loading" in FullyShardedDataParallelPlugin.__dataclass_fields__  # what we read
-    plugin = SimpleNamespace(cpu_ram_efficient_loading=efficient)
+    plugin = SimpleNamespace(cpu_ram_efficient_loading=efficient, fsdp_version=1)  # FSDP1: moved, not sharded
     prepared = []
     accelerator = SimpleNamespace(
         distributed_type=DistributedType.FSDP,
+        device=torch.device("cpu"),
         state=SimpleNamespace(fsdp_plugin=plugin),
         prepare_model=lambda model, evaluation_mode: prepared.append(evaluation_mode) or model,
     )

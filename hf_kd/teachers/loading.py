@@ -13,6 +13,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 from hf_kd.errors import ConfigError, TokenizerMismatchError, check_source_path, first_line
+from hf_kd.fsdp import shard_teacher
 
 logger = logging.getLogger(__name__)
 
@@ -176,19 +177,20 @@ def prepare_teacher(teacher: nn.Module, args: Any, accelerator: Accelerator) -> 
         return _prepare_deepspeed(teacher, accelerator)
     if accelerator.distributed_type == DistributedType.FSDP:
         check_fsdp_loading(accelerator)
+        teacher = shard_teacher(teacher, accelerator)  # prepare_model neither moves nor shards it under FSDP
     # evaluation_mode: moved to the device and under autocast, but not wrapped in DDP.
     return accelerator.prepare_model(teacher, evaluation_mode=True)
 
 
 def check_fsdp_loading(accelerator: Accelerator) -> None:
-    """Refuse FSDP's ``cpu_ram_efficient_loading``: it loads weights on rank 0 only and relies on FSDP to
-    broadcast them to the models it wraps. The teacher is not wrapped, so every other rank would distill from a
-    teacher with random (or empty) weights, silently."""
+    """Refuse FSDP's ``cpu_ram_efficient_loading``: it loads weights on rank 0 only and relies on Accelerate to
+    broadcast them to the model it prepares, the student. Nothing broadcasts the teacher's, so every other rank
+    would distill from a teacher with random (or empty) weights, silently."""
     plugin = getattr(accelerator.state, "fsdp_plugin", None)
     if plugin is not None and getattr(plugin, "cpu_ram_efficient_loading", False):
         raise ValueError(
-            "FSDP with cpu_ram_efficient_loading=True loads weights on rank 0 only, and the teacher is not "
-            "FSDP-wrapped, so the other ranks would get no teacher weights. Set `fsdp_cpu_ram_efficient_loading: "
+            "FSDP with cpu_ram_efficient_loading=True loads weights on rank 0 only, and only the student's are "
+            "broadcast, so the other ranks would get no teacher weights. Set `fsdp_cpu_ram_efficient_loading: "
             "false` in the Accelerate config (recipes/accelerate/fsdp.yaml does), or the environment variable "
             "FSDP_CPU_RAM_EFFICIENT_LOADING=false."
         )
