@@ -139,6 +139,7 @@ def _cache_teacher(args: argparse.Namespace) -> int:
     check_tokenised(dataset, f"--dataset {args.dataset}")
     teacher, tokenizer = load_teacher_or_ensemble(args)
     rebuilt: list[int] = []
+    written: list[int] = []
     path = build_teacher_cache(
         teacher,
         dataset,
@@ -148,10 +149,12 @@ def _cache_teacher(args: argparse.Namespace) -> int:
         **{name: getattr(args, name) for name in ("batch_size", "shard_size", "overwrite")},
         on_rebuild=rebuild_reporter(args.output, rebuilt),
         workers=workers,
+        on_shard=written.append,
     )
-    unfinished = worker_done(path, workers)
-    if unfinished is not None:
-        print(unfinished)
+    line, report = worker_done(path, workers, written)
+    if line is not None:
+        print(line)
+    if not report:
         return 0
     size = cache_size(path)
     per_token = size["bytes_per_target_token"]

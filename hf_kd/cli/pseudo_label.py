@@ -99,6 +99,7 @@ def _pseudo_label(args: argparse.Namespace) -> int:
     if tokenizer is None:
         raise ConfigError(f"--teacher {args.teacher} has no tokenizer files; name one with --tokenizer.")
     rebuilt: list[int] = []
+    written: list[int] = []
     generate_pseudo_labels(
         teacher,
         tokenizer,
@@ -110,10 +111,12 @@ def _pseudo_label(args: argparse.Namespace) -> int:
         **{name: getattr(args, name) for name in ("batch_size", "shard_size", "overwrite")},
         on_rebuild=common.rebuild_reporter(args.output, rebuilt),
         workers=workers,
+        on_shard=written.append,
     )
-    unfinished = worker_done(args.output, workers)
-    if unfinished is not None:
-        print(unfinished)
+    line, report = worker_done(args.output, workers, written)
+    if line is not None:
+        print(line)
+    if not report:
         return 0
     result = assemble(
         dataset,

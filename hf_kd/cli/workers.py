@@ -45,16 +45,19 @@ def launched_rank() -> int:
     return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
 
 
-def worker_done(output: Any, workers: Workers) -> str | None:
-    """None when this process should report the finished output; else the line it prints instead (its share is
-    done, the output is not finished yet, or another rank of its launch reports it)."""
+def worker_done(output: Any, workers: Workers, written: list[int]) -> tuple[str | None, bool]:
+    """What this process prints when its share is done: a line on its work and the overall progress (None for a
+    single process), and whether it reports the finished output (it is complete, and this is not a rank above 0
+    of a launch). ``written``: the shards this process computed."""
     manifest = read_manifest(output)
     done, total = len(manifest["shards"]), manifest["num_shards"]
-    if manifest["complete"] and launched_rank() == 0:
-        return None
+    report = bool(manifest["complete"]) and launched_rank() == 0
+    if workers.count == 1:
+        return None, report
     rest = (
         "complete"
         if manifest["complete"]
         else "the last worker to finish completes it (or run the command again without --worker-index)"
     )
-    return f"{output}: {workers.name} finished its shards; {done} of {total} shards are recorded; {rest}."
+    wrote = f"wrote shards {', '.join(map(str, sorted(written)))}" if written else "wrote no shard"
+    return f"{output}: {workers.name} {wrote}; {done} of {total} shards are recorded; {rest}.", report

@@ -428,6 +428,8 @@ class _Writer:
         shard.save_to_disk(str(tmp))
         entry = {"rows": end - start, "start": start, "sha256": checksum(tmp)}
         _write_json(tmp / RECORD, entry)
+        if final.is_dir() and not final.is_symlink() and not any(final.iterdir()):
+            final.rmdir()  # an empty folder holds nothing of anyone's
         if final.is_symlink() or final.exists():
             if not final.is_dir() or final.is_symlink() or not _is_ours(final, None):
                 shutil.rmtree(tmp)
