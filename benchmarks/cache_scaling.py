@@ -9,8 +9,9 @@ Run alone on the machine, from the repository root::
 Every arm is the command line a user runs, timed from launch to exit (Python start-up and model loading
 included), on a fresh output folder, then run once more on its finished output (start-up, loading and verifying
 alone: subtracted for the "net" figures); the arms are interleaved (1 process, 2 workers[, torchrun 2], 1 process,
-...) over ``--rounds`` rounds, and the tables give the median and the spread (min .. max). Every multi-process output is checked
-byte-for-byte against the one-process output of the same round (the manifest, which holds every shard's sha256).
+...) over ``--rounds`` rounds, and the tables give the median and the spread (min .. max). Every multi-process
+output is checked byte-for-byte against the one-process output of the same round (the manifest, which holds every
+shard's sha256).
 Target tokens: the cache's target positions; for pseudo-labels, the generated tokens (teacher outputs re-tokenised).
 The goal (issue 18): two processes at least 1.8x one.
 """
@@ -155,9 +156,8 @@ def main() -> None:
                     manifests[arm] = (out / "manifest.json").read_bytes()
                     tokens.setdefault(command, _target_tokens(command, out, work / "inputs"))
                     shutil.rmtree(out)
-                    print(
-                        f"round {r + 1}/{args.rounds} {command} {arm}: {seconds:.1f} s (start-up {startup[command][arm][-1]:.1f} s)"
-                    )
+                    rest = f"{seconds:.1f} s (start-up {startup[command][arm][-1]:.1f} s)"
+                    print(f"round {r + 1}/{args.rounds} {command} {arm}: {rest}", flush=True)
                 if len(set(manifests.values())) != 1:
                     raise SystemExit(f"{command}: the outputs of {list(manifests)} differ; they must be identical.")
     finally:
