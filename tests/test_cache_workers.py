@@ -251,8 +251,10 @@ def test_bad_worker_options_are_one_line(capsys, tmp_path, files, command, worke
 def test_launcher_rank_out_of_range_is_a_config_error() -> None:
     from hf_kd.teachers.shards import Workers
 
-    assert Workers.from_options(2, 1, env={"WORLD_SIZE": "2", "RANK": "1"}) == Workers(4, 3, False, False)
-    assert Workers.from_options(1, None, env={"WORLD_SIZE": "2", "RANK": "1"}) == Workers(2, 1, False, False)
+    assert Workers.from_options(2, 1, env={"WORLD_SIZE": "2", "RANK": "1"}) == Workers(4, 3, False, False, True)
+    assert Workers.from_options(1, None, env={"WORLD_SIZE": "2", "RANK": "1"}) == Workers(2, 1, False, False, False)
+    assert Workers.from_options(1, None, env={"WORLD_SIZE": "2", "RANK": "0"}) == Workers(2, 0, True, False, True)
+    assert Workers.from_options(3, None, env={}) == Workers(1, 0, True, True, True)  # no index: finish the job
     with pytest.raises(ConfigError, match="RANK=2 is out of range"):
         Workers.from_options(1, None, env={"WORLD_SIZE": "2", "RANK": "2"})
 
@@ -313,7 +315,7 @@ def test_overwrite_deletes_only_files_it_wrote(capsys, tmp_path, files) -> None:
     (out / "shards" / "00042" / "theirs.bin").write_bytes(b"mine")
     (out / "shards" / "00001" / "notes.txt").write_text("mine too")
     overwrite = argv("cache-teacher", files, out, "--k", "5", "--overwrite")
-    one_line_error(capsys, overwrite, "shards/00001 was not written by", "move it out")  # it holds notes.txt
+    one_line_error(capsys, overwrite, "shards/00001 holds files", "move it out")  # it holds notes.txt
     assert (out / "shards" / "00042" / "theirs.bin").read_bytes() == b"mine"
     assert [p.name for p in (out / "shards" / "00001").iterdir()] == ["notes.txt"]
     (out / "shards" / "00001" / "notes.txt").rename(tmp_path / "notes.txt")
@@ -356,3 +358,36 @@ def test_damaged_manifest_is_one_line_naming_the_file_and_field(capsys, tmp_path
     one_line_error(capsys, argv("cache-teacher", files, out), "manifest.json is damaged", field, "--overwrite")
     assert run_cli(capsys, argv("cache-teacher", files, out, "--overwrite"))[0] == 0
     CachedTeacher(out)
+
+
+def test_claims_live_dead_and_other_hosts(tmp_path) -> None:
+    path = tmp_path / "00000.claim"
+    first, second = Claim(path, "a"), Claim(path, "b")
+    assert first.acquire() and not second.acquire()  # held by a live process (this one)
+    first.release()
+    assert not path.exists() and second.acquire()
+    second.release()
+    path.write_text(json.dumps({"pid": dead_pid(), "host": os.uname().nodename}))
+    assert Claim(path).is_stale()  # this host, pid gone
+    path.write_text(json.dumps({"pid": 1, "host": "another-host"}))
+    assert not Claim(path, stale_after=60).is_stale()  # another host, touched just now: alive
+    os.utime(path, (0, 1_000))
+    taker = Claim(path, stale_after=60)
+    assert taker.is_stale() and taker.acquire()  # another host, not touched for ages: taken over
+    assert json.loads(path.read_text())["token"] == taker.info["token"]
+    taker.release()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_cache_made_before_shard_records_is_repaired(capsys, tmp_path, files, reference) -> None:
+    """Caches written before hf_kd_shard.json existed: their manifest marks their shards as ours."""
+    out = tmp_path / "out"
+    shutil.copytree(reference["cache-teacher"], out)
+    for record in out.glob("shards/*/hf_kd_shard.json"):
+        record.unlink()
+    arrow = next((out / "shards" / "00001").glob("*.arrow"))
+    arrow.write_bytes(arrow.read_bytes()[:-30] + bytes(30))
+    code, stdout, err = run_cli(capsys, argv("cache-teacher", files, out))
+    assert code == 0 and "shard 1 fails its checksum" in stdout, stdout + err
+    assert (out / "manifest.json").read_bytes() == (reference["cache-teacher"] / "manifest.json").read_bytes()
+    assert arrow_bytes(out / "shards" / "00001") == arrow_bytes(reference["cache-teacher"] / "shards" / "00001")

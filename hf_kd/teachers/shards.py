@@ -72,12 +72,14 @@ class Workers:
     ``finish``: after its share, wait for the other processes' shards (taking over those whose holder died) and
     write the finished manifest; otherwise write it only if every shard is already there.
     ``steal``: while finishing, also compute shards nobody has claimed (a run that completes the job).
+    ``completes``: may mark the output complete (not the ranks above 0 of a launch: rank 0 does, once).
     """
 
     count: int = 1
     index: int = 0
     finish: bool = True
     steal: bool = True
+    completes: bool = True
 
     @property
     def name(self) -> str:
@@ -112,7 +114,7 @@ class Workers:
         if not 0 <= rank < world:
             raise ConfigError(f"RANK={rank} is out of range for WORLD_SIZE={world}; launch with torchrun.")
         if worker_index is None:
-            return cls(count=world, index=rank, finish=rank == 0, steal=world == 1)
+            return cls(count=world, index=rank, finish=rank == 0, steal=world == 1, completes=rank == 0)
         return cls(count=num_workers * world, index=worker_index * world + rank, finish=False, steal=False)
 
 
@@ -365,6 +367,7 @@ class _Writer:
     workers: Workers
     stale_after: float
     verified: set[int] = field(default_factory=set)  # shards this process wrote or checksummed
+    forgotten: set[int] = field(default_factory=set)  # recorded shards this process found bad (ours to replace)
     written: list[int] = field(default_factory=list)
 
     def lock(self) -> Claim:
@@ -375,6 +378,7 @@ class _Writer:
 
     def _forget(self, index: int, problem: str) -> None:
         """A recorded shard is bad: drop its entry (the output is no longer complete) and say so."""
+        self.forgotten.add(index)
         with self.lock():
             manifest = self.manifest()
             manifest["shards"].pop(str(index), None)
@@ -431,13 +435,15 @@ class _Writer:
         if final.is_dir() and not final.is_symlink() and not any(final.iterdir()):
             final.rmdir()  # an empty folder holds nothing of anyone's
         if final.is_symlink() or final.exists():
-            if not final.is_dir() or final.is_symlink() or not _is_ours(final, None):
+            ours = final.is_dir() and not final.is_symlink() and (_is_ours(final, None) or index in self.forgotten)
+            if ours:  # renamed by a run killed before it could record the shard, or corrupt
+                _remove_shard_folder(final)
+            if final.is_symlink() or final.exists():  # not ours, or ours but holding someone's files too
                 shutil.rmtree(tmp)
                 raise ShardError(
-                    f"{final} was not written by {self.command} (it holds no {RECORD}) and is in the way; move it "
-                    "out of the output folder and run the command again."
+                    f"{final} holds files {self.command} did not write (it has no valid {RECORD}, or other files "
+                    "beside it) and is in the way; move it out of the output folder and run the command again."
                 )
-            _remove_shard_folder(final)  # renamed by a run killed before it could record the shard, or corrupt
         os.rename(tmp, final)
         with self.lock():
             manifest = self.manifest()
@@ -577,7 +583,7 @@ def write_sharded(
         pending = [i for i in mine if not writer.ensure(i, progress)]
         if workers.finish:
             _finish(writer, progress, pending, num_shards, poll)
-    if not writer.finish_if_done() and workers.finish:  # a shard failed its final check: compute it again
+    if workers.completes and not writer.finish_if_done() and workers.finish:  # a shard failed its final check
         return write_sharded(root, fingerprint, num_rows, shard_size, make_shard, desc=desc, on_shard=on_shard,
                              extra=extra, owned=owned, on_rebuild=on_rebuild, command=command, workers=workers,
                              stale_after=stale_after, poll=poll)  # fmt: skip
@@ -597,7 +603,7 @@ def _finish(writer: _Writer, progress: _Progress, pending: list[int], num_shards
         if not missing:
             return
         for index in missing:
-            claim = Claim(writer.root / "shards" / f"{index:05d}.claim")
+            claim = Claim(writer.root / "shards" / f"{index:05d}.claim", stale_after=writer.stale_after)
             taken_by_someone = claim.holder()[1] is not None
             if (writer.workers.steal or index in pending or taken_by_someone) and claim.is_stale():
                 writer.ensure(index, progress)
