@@ -3,7 +3,7 @@ against two (independent `--num-workers 2` jobs, and `torchrun --nproc_per_node 
 
 Run alone on the machine, from the repository root::
 
-    python benchmarks/cache_scaling.py                 # ~6 minutes on 2+ idle cores; writes benchmarks/results/
+    python benchmarks/cache_scaling.py                 # ~5.5 minutes on 2+ idle cores; writes benchmarks/results/
     python benchmarks/cache_scaling.py --scale 0.05 --rounds 1 --out /tmp/scaling   # a smoke test
 
 Every arm is the command line a user runs, timed from launch to exit (Python start-up and model loading
@@ -38,8 +38,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 WORKLOAD = {
     "vocab": 32000,
     "teacher": {"n_layer": 4, "n_embd": 256, "n_head": 4},
-    "cache": {"rows": 320, "tokens": 128, "k": 64, "tail_samples": 64, "batch": 8, "shards": 16},
-    "labels": {"rows": 320, "source_tokens": 32, "new_tokens": 32, "batch": 8, "shards": 16},
+    "cache": {"rows": 224, "tokens": 128, "k": 64, "tail_samples": 64, "batch": 8, "shards": 16},
+    "labels": {"rows": 224, "source_tokens": 32, "new_tokens": 32, "batch": 8, "shards": 16},
 }
 ARMS = ("1 process", "2 workers", "torchrun 2")
 DEFAULT_ARMS = ("1 process", "2 workers")
@@ -214,7 +214,7 @@ def _rate(tokens: int, seconds: list[float]) -> str:
 
 
 def _ratio(base: float | None, value: float) -> str:
-    return f"{base / value:.2f}x" if base and value > 0 else "-"
+    return f"{base / value:.2f}x" if base and base > 0 and value > 0 else "-"
 
 
 if __name__ == "__main__":
