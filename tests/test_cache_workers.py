@@ -391,3 +391,14 @@ def test_cache_made_before_shard_records_is_repaired(capsys, tmp_path, files, re
     assert code == 0 and "shard 1 fails its checksum" in stdout, stdout + err
     assert (out / "manifest.json").read_bytes() == (reference["cache-teacher"] / "manifest.json").read_bytes()
     assert arrow_bytes(out / "shards" / "00001") == arrow_bytes(reference["cache-teacher"] / "shards" / "00001")
+
+
+def test_overwrite_is_refused_while_others_hold_claims(capsys, tmp_path, files) -> None:
+    out = tmp_path / "out"
+    assert run_cli(capsys, argv("cache-teacher", files, out, "--num-workers", "2", "--worker-index", "0"))[0] == 0
+    held = Claim(out / "shards" / "00001.claim", "worker 2/2")
+    assert held.acquire()
+    before = tree(out)
+    one_line_error(capsys, argv("cache-teacher", files, out, "--k", "5", "--overwrite"), "being written by other")
+    assert tree(out) == before
+    held.release()

@@ -352,6 +352,10 @@ class _Progress:
         if self.claim is not None:
             self.claim.touch()
 
+    def overall(self, done: int, total: int) -> None:
+        """All workers' progress, beside this one's rows."""
+        self.bar.set_postfix_str(f"{done}/{total} shards overall", refresh=True)
+
 
 @dataclass
 class _Writer:
@@ -450,6 +454,7 @@ class _Writer:
             manifest["shards"][str(index)] = entry
             _write_json(self.root / MANIFEST, manifest)
         self.verified.add(index)
+        progress.overall(len(manifest["shards"]), manifest["num_shards"])
 
     def finish_if_done(self) -> bool:
         """If every shard is recorded: verify the ones this process did not write or check (outside the lock: it
@@ -599,6 +604,7 @@ def _finish(writer: _Writer, progress: _Progress, pending: list[int], num_shards
     """Wait until every shard is recorded; compute those whose holder died (and, when stealing, unclaimed ones)."""
     while True:
         recorded = writer.manifest()["shards"]
+        progress.overall(len(recorded), num_shards)
         missing = [i for i in range(num_shards) if str(i) not in recorded]
         if not missing:
             return
