@@ -259,7 +259,7 @@ def test_detects_truncated_or_corrupt_cache(tmp_path: Path, tok) -> None:
     bad = json.loads(json.dumps(manifest))
     bad["shards"]["0"]["rows"] = 3
     manifest_path.write_text(json.dumps(bad))
-    with pytest.raises(ShardError, match="shard 0 has 4 rows but the manifest records 3"):
+    with pytest.raises(ShardError, match="manifest.json is damaged: shard 0 records 3 rows, not 4"):
         CachedTeacher(tmp_path / "c")
     manifest_path.write_text(json.dumps(manifest))
 

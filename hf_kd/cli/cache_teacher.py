@@ -17,10 +17,12 @@ from hf_kd.cli.common import (
     rebuilt_note,
     run_command,
 )
+from hf_kd.cli.workers import add_worker_options, worker_done, workers_from_args
 from hf_kd.errors import ConfigError
 from hf_kd.teachers.cache_writer import build_teacher_cache, cache_size, check_tokenised
 from hf_kd.teachers.ensemble import TeacherEnsemble
 from hf_kd.teachers.input_checks import check_cache_lengths, check_named_tokenizer
+from hf_kd.teachers.shards import MANIFEST, check_inputs_outside
 
 
 def _weights(text: str) -> list[float]:
@@ -76,6 +78,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8, help="Rows per teacher forward pass (default 8).")
     parser.add_argument("--shard-size", type=int, default=1000, help="Rows per resumable shard.")
     add_teacher_runtime_options(parser)
+    add_worker_options(parser)
     parser.add_argument(
         "--overwrite",
         action="store_true",
@@ -129,12 +132,17 @@ def run(args: argparse.Namespace) -> int:
 
 def _cache_teacher(args: argparse.Namespace) -> int:
     _check_cli_numbers(args)
+    workers = workers_from_args(args)
+    inputs = {"--dataset": args.dataset, "--tokenizer": args.tokenizer}
+    inputs.update({f"--teacher {name}": name for name in args.teacher})
+    check_inputs_outside(args.output, inputs, ("shards", MANIFEST))
     dataset = load_tokenised(args.dataset, args.split)
     check_tokenised(dataset, f"--dataset {args.dataset}")
     teacher, tokenizer = load_teacher_or_ensemble(args)
     check_named_tokenizer(tokenizer, args.tokenizer, args.teacher, args.trust_remote_code)
     check_cache_lengths(dataset, teacher, f"--dataset {args.dataset}")
     rebuilt: list[int] = []
+    written: list[int] = []
     path = build_teacher_cache(
         teacher,
         dataset,
@@ -143,7 +151,14 @@ def _cache_teacher(args: argparse.Namespace) -> int:
         **{name: getattr(args, name) for name in ("k", "temperature", "tail_samples", "seed")},
         **{name: getattr(args, name) for name in ("batch_size", "shard_size", "overwrite")},
         on_rebuild=rebuild_reporter(args.output, rebuilt),
+        workers=workers,
+        on_shard=written.append,
     )
+    line, report = worker_done(path, workers, written)
+    if line is not None:
+        print(line)
+    if not report:
+        return 0
     size = cache_size(path)
     per_token = size["bytes_per_target_token"]
     print(

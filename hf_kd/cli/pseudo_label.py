@@ -6,11 +6,17 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
+from datasets import Dataset
+
 from hf_kd.cli import common
+from hf_kd.cli.workers import add_worker_options, worker_done, workers_from_args
 from hf_kd.errors import ConfigError
+from hf_kd.teachers.claims import Claim
 from hf_kd.teachers.input_checks import check_named_tokenizer, check_not_assembled, check_pseudo_label_inputs
 from hf_kd.teachers.pseudo_label import (
     ASSEMBLED,
@@ -20,6 +26,7 @@ from hf_kd.teachers.pseudo_label import (
     check_text_dataset,
     generate_pseudo_labels,
 )
+from hf_kd.teachers.shards import LOCK, MANIFEST, check_inputs_outside
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -51,6 +58,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--min-rouge-l", type=float, default=None, help="Drop teacher outputs below this ROUGE-L.")
     parser.add_argument("--max-wer", type=float, default=None, help="Drop teacher outputs above this WER.")
     common.add_teacher_runtime_options(parser)
+    add_worker_options(parser)
     parser.add_argument(
         "--overwrite",
         action="store_true",
@@ -81,6 +89,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _pseudo_label(args: argparse.Namespace) -> int:
     _check_cli_numbers(args)
+    workers = workers_from_args(args)
+    inputs = {"--dataset": args.dataset, "--teacher": args.teacher, "--tokenizer": args.tokenizer}
+    check_inputs_outside(args.output, inputs, ("shards", ASSEMBLED, MANIFEST))
     dataset = common.load_tokenised(args.dataset, args.split)
     target = args.target_column if args.target_column in dataset.column_names else None
     check_text_dataset(dataset, f"--dataset {args.dataset}", args.source_column, target)
@@ -92,6 +103,7 @@ def _pseudo_label(args: argparse.Namespace) -> int:
     check_named_tokenizer(tokenizer, args.tokenizer, [args.teacher], args.trust_remote_code)
     check_pseudo_label_inputs(dataset, teacher, tokenizer, f"--dataset {args.dataset}", args)
     rebuilt: list[int] = []
+    written: list[int] = []
     generate_pseudo_labels(
         teacher,
         tokenizer,
@@ -102,7 +114,14 @@ def _pseudo_label(args: argparse.Namespace) -> int:
         **{name: getattr(args, name) for name in ("max_new_tokens", "num_beams")},
         **{name: getattr(args, name) for name in ("batch_size", "shard_size", "overwrite")},
         on_rebuild=common.rebuild_reporter(args.output, rebuilt),
+        workers=workers,
+        on_shard=written.append,
     )
+    line, report = worker_done(args.output, workers, written)
+    if line is not None:
+        print(line)
+    if not report:
+        return 0
     result = assemble(
         dataset,
         args.output,
@@ -112,6 +131,19 @@ def _pseudo_label(args: argparse.Namespace) -> int:
         max_wer=args.max_wer,
     )
     out = Path(args.output) / ASSEMBLED
-    result.save_to_disk(str(out))
+    _save_assembled(result, out)
     print(f"{len(result)} rows ({args.target_source} targets) written to {out}{common.rebuilt_note(rebuilt)}.")
     return 0
+
+
+def _save_assembled(result: Dataset, out: Path) -> None:
+    """Save under a private name, then swap it in under the output's lock: two finishing workers never write into
+    one folder, and a failed save leaves the previous assembled data set whole."""
+    tmp = out.with_name(f"{out.name}.tmp.{os.getpid()}")
+    result.save_to_disk(str(tmp))
+    with Claim(out.parent / LOCK, "assembling"):
+        if out.is_symlink():
+            out.unlink()
+        elif out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)

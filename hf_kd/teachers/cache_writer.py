@@ -41,7 +41,7 @@ from hf_kd.errors import ConfigError
 from hf_kd.losses import IGNORE_INDEX, MIN_LOG_PROB, log_probs
 from hf_kd.teachers.ensemble import TeacherEnsemble
 from hf_kd.teachers.loading import output_width
-from hf_kd.teachers.shards import data_files, load_sharded, shard_dir, write_sharded
+from hf_kd.teachers.shards import Workers, data_files, load_sharded, shard_dir, write_sharded
 
 CACHE_KIND = "hf-kd-teacher-topk-cache"
 COMMAND = "`hf-kd cache-teacher`"
@@ -379,6 +379,7 @@ def build_teacher_cache(
     tail_samples: int = 0,
     seed: int = 0,
     on_rebuild: Callable[[int, str], None] | None = None,
+    workers: Workers | None = None,
 ) -> Path:
     """Run ``teacher`` over ``dataset`` (rows with ``input_ids`` and, for encoder-decoders, ``labels``) and
     write its top-``k`` cache to ``output_dir``; resumes an interrupted run with the same inputs.
@@ -391,6 +392,10 @@ def build_teacher_cache(
     Run again on a finished or interrupted cache, it first verifies the shards written so far and computes the
     missing or corrupt ones again (``on_rebuild(index, problem)`` is told of each). Bad arguments or data raise
     :class:`~hf_kd.recipe.args.ConfigError`; see :func:`hf_kd.teachers.shards.write_sharded` for ``overwrite``.
+
+    ``workers`` (:class:`~hf_kd.teachers.shards.Workers`): this process's share of the shards (default: its rank's
+    under ``torchrun`` / ``accelerate launch``, else all). The finished cache is identical whoever wrote which shard;
+    the manifest is complete once the last share is done (read it with ``read_manifest(output_dir)["complete"]``).
     """
     is_ed = bool(getattr(teacher.config, "is_encoder_decoder", False))
     check_tokenised(dataset, "the data set", is_encoder_decoder=is_ed)
@@ -415,6 +420,7 @@ def build_teacher_cache(
             on_shard=on_shard,
             on_rebuild=on_rebuild,
             command=COMMAND,
+            workers=workers,
             # For information only: `datasets` fingerprints change with the code of every .map that made the
             # data, so the identity check is the content hash in the fingerprint.
             extra={"dataset_fingerprint": getattr(dataset, "_fingerprint", None)},

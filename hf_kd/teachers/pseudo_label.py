@@ -30,7 +30,7 @@ from hf_kd.errors import ConfigError
 from hf_kd.metrics import rouge
 from hf_kd.teachers.cache_writer import config_hash, dataset_hash, tokenizer_hash, weights_hash
 from hf_kd.teachers.loading import encoder_ids
-from hf_kd.teachers.shards import ShardError, load_sharded, write_sharded
+from hf_kd.teachers.shards import ShardError, Workers, load_sharded, write_sharded
 
 PSEUDO_KIND = "hf-kd-pseudo-labels"
 COMMAND = "`hf-kd pseudo-label`"
@@ -119,6 +119,7 @@ def generate_pseudo_labels(
     overwrite: bool = False,
     on_shard: Any = None,
     on_rebuild: Callable[[int, str], None] | None = None,
+    workers: Workers | None = None,
 ) -> Path:
     """Generate the teacher's output for every row of ``dataset`` into resumable shards under ``output_dir``.
 
@@ -126,7 +127,8 @@ def generate_pseudo_labels(
     equals an uninterrupted one. Read the result with :func:`assemble`. A run on an existing output first
     verifies its shards and generates the missing or corrupt ones again (``on_rebuild(index, problem)``);
     ``overwrite`` replaces an output made with other settings (its manifest, shards and ``dataset``, nothing
-    else). Bad arguments or data raise :class:`~hf_kd.recipe.args.ConfigError`.
+    else). Bad arguments or data raise :class:`~hf_kd.recipe.args.ConfigError`. ``workers``: this process's share
+    of the shards, as for :func:`hf_kd.teachers.cache_writer.build_teacher_cache`.
     """
     check_text_dataset(dataset, "the data set", source_column, target_column)
     for name, value in (("max_source_length", max_source_length), ("max_new_tokens", max_new_tokens),
@@ -170,6 +172,7 @@ def generate_pseudo_labels(
             owned=(ASSEMBLED,),
             on_rebuild=on_rebuild,
             command=COMMAND,
+            workers=workers,
         )
     finally:
         teacher.train(was_training)
