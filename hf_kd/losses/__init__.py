@@ -11,6 +11,7 @@
 """
 
 from hf_kd.losses.base import (
+    DEFAULT_CHUNK_MIB,
     DEFAULT_CHUNK_SIZE,
     IGNORE_INDEX,
     DistillationLossOutput,
@@ -39,7 +40,8 @@ from hf_kd.losses.scoring import StudentOutput, TeacherRows, score
 from hf_kd.losses.topk import TAIL_TREATMENTS, CacheAlignmentError, TopKRows, sparse_distillation_loss
 
 __all__ = [
-    "DEFAULT_CHUNK_SIZE", "DIVERGENCES", "IGNORE_INDEX", "MIN_LOG_PROB", "TAIL_TREATMENTS", "AlignedRows",
+    "DEFAULT_CHUNK_MIB", "DEFAULT_CHUNK_SIZE", "DIVERGENCES", "IGNORE_INDEX", "MIN_LOG_PROB", "TAIL_TREATMENTS",
+    "AlignedRows",
     "CacheAlignmentError", "CrossTokenizerLossOutput", "DistillationLossOutput", "LossSettings", "OutputLayer",
     "StudentOutput", "TeacherRows", "TopKRows", "UnfusableModelError", "chunked_distillation_loss",
     "cross_tokenizer_loss", "distillation_loss", "forward_kl", "forward_without_logits", "fused_distillation_loss",
