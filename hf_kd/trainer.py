@@ -37,6 +37,7 @@ from hf_kd.losses import (
     StudentOutput,
     forward_without_logits,
     output_layer,
+    resolve_fusion,
     score,
 )
 from hf_kd.student.hidden import PROJECTION_FILE, HiddenStateDistiller
@@ -108,7 +109,7 @@ def settings_in_use(args: DistillationConfig, **facts: bool) -> set[str]:
         "seq_kd": args.seq_kd,
         "hidden_state_loss_weight > 0": args.hidden_state_loss_weight > 0,
         "teacher_reuses_student_encoder": args.teacher_reuses_student_encoder,
-        "fuse_output_layer": args.fuse_output_layer,
+        "fuse_output_layer": args.fuse_output_layer is True,  # "auto" falls back where fusing cannot be done
         **facts,
     }
     return {name for name, on in flags.items() if on}
@@ -189,9 +190,13 @@ class DistillationTrainer(Seq2SeqTrainer):
         # Have the Trainer count target tokens over accumulated micro-batches and pass num_items_in_batch.
         self.model_accepts_loss_kwargs = True
         self._kd_sums = {mode: torch.zeros(len(_SUMS), dtype=self._sum_dtype) for mode in ("train", "eval")}
-        self.loss_settings = LossSettings.from_config(args)
-        if args.fuse_output_layer:
-            output_layer(model)  # raises UnfusableModelError for a model whose logits it cannot reproduce
+        # True raises UnfusableModelError for a model whose logits it cannot reproduce; "auto" falls back, once said.
+        fuse = resolve_fusion(
+            args.fuse_output_layer, model, chunked=args.loss_chunk_size is not None,
+            cross_tokenizer=args.cross_tokenizer, sharded=self.is_fsdp_enabled or is_deepspeed_zero3_enabled(),
+            say=self.is_local_process_zero(),
+        )  # fmt: skip
+        self.loss_settings = LossSettings.from_config(args, fuse_output_layer=fuse)
         self.teacher_source: TeacherSource
         if self.teacher_cache is not None:
             self.teacher, self.hidden_distiller = None, None

@@ -72,12 +72,19 @@ class LossSettings:
     uld_weight: float = 1.0
 
     @classmethod
-    def from_config(cls, args: Any) -> LossSettings:
+    def from_config(cls, args: Any, **overrides: Any) -> LossSettings:
+        """The settings of a :class:`hf_kd.DistillationConfig`; ``overrides`` replace fields (the trainer passes
+        ``fuse_output_layer``, which it resolves from "auto" by the student: see
+        :func:`hf_kd.losses.output_layer.resolve_fusion`)."""
         same_names = {name: getattr(args, name) for name in LossKeywords.__annotations__}
-        # "auto" is resolved by the trainer, which knows the student (hf_kd.losses.output_layer.resolve_fusion).
-        extra = {"uld_weight": getattr(args, "uld_weight", 1.0), "fuse_output_layer": args.fuse_output_layer is True}
-        chunk_mib = getattr(args, "loss_chunk_mib", DEFAULT_CHUNK_MIB)
-        return cls(**same_names, chunk_size=args.loss_chunk_size, chunk_mib=chunk_mib, **extra)
+        fields = {
+            **same_names,
+            "chunk_size": args.loss_chunk_size,
+            "chunk_mib": getattr(args, "loss_chunk_mib", DEFAULT_CHUNK_MIB),
+            "uld_weight": getattr(args, "uld_weight", 1.0),
+            "fuse_output_layer": args.fuse_output_layer is True,
+        }
+        return cls(**{**fields, **overrides})
 
     @property
     def divergence(self) -> Callable[..., torch.Tensor]:
