@@ -94,7 +94,10 @@ def _capturing_output_layer(model: nn.Module) -> Iterator[list[torch.Tensor]]:
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
         captured.append(hidden)
-        return hidden.new_empty(*hidden.shape[:-1], 0)
+        # Empty logits, but in the graph of the hidden states and the weight: DDP's search for unused parameters
+        # (find_unused_parameters, the Trainer's default without gradient checkpointing) starts from the outputs,
+        # and would otherwise call every parameter unused, then fail when the loss's gradients reach them.
+        return hidden[..., :0] * head.weight.reshape(-1)[:1]
 
     final_bias = getattr(inner, "final_logits_bias", None)
     head.forward = forward
