@@ -3,10 +3,14 @@
 Three loss paths of hf_kd, forward + backward of the loss alone (default settings: forward KL, alpha 0.5, T 1):
 
 - ``reference``: ``distillation_loss`` on student logits ``[N, V]``, autograd over the whole float32 ``[N, V]``;
-- ``chunked``: ``chunked_distillation_loss`` on the same logits, 1,024 target tokens a chunk, gradient formed in
-  the forward pass;
+- ``chunked``: ``chunked_distillation_loss`` on the same logits, at most 1,024 target tokens a chunk and as many as
+  fit its memory budget (``chunk_mib``, hf_kd's default 512 MiB), gradient formed in the forward pass;
 - ``fused``: ``fused_distillation_loss`` on hidden states ``[N, H]`` and an output-layer weight ``[V, H]``
-  (H = 256): the student's logits never exist beyond one chunk.
+  (H = 256): the student's logits never exist beyond one chunk; chunks sized as for ``chunked``.
+
+Besides the peak above the inputs, the tables give the loss's *working memory*: that peak less the gradients of
+the inputs, which any loss must return (the ``[N, V]`` logits' on the chunked path, the hidden states' and the
+output weight's on the fused path), and its ratio to the smallest vocabulary measured.
 
 The teacher is an input of all three, as its target rows ``[N, V]``. Inputs are float32 on CPU and bfloat16 with
 ``--device cuda`` (the loss computes in float32 either way). Every (path, V, N) point runs in a fresh subprocess,
@@ -16,6 +20,7 @@ not run and is recorded as skipped. Run from the repository root::
     python benchmarks/loss_scaling.py                 # CPU: benchmarks/results/loss_scaling_cpu.{json,md,png}
     python benchmarks/loss_scaling.py --device cuda   # bf16 inputs, CUDA allocator peak: loss_scaling_cuda.*
     python benchmarks/loss_scaling.py --smoke         # tiny sizes into a temporary folder (or --out), < 30 s
+    python benchmarks/loss_scaling.py --chunk-mib 0   # no memory budget: 1,024-token chunks at every vocabulary
 
 See benchmarks/README.md for what is measured and how.
 """
@@ -49,8 +54,13 @@ from run import Meter as RunMeter  # noqa: E402  (the step benchmark's memory me
 from run import _environment as run_environment  # noqa: E402
 
 PATHS = ("reference", "chunked", "fused")
-WORKLOAD: dict[str, Any] = {"vocabs": [32000, 128000, 256000], "tokens": [4096, 16384], "hidden": 256, "chunk": 1024}
-SMOKE_WORKLOAD: dict[str, Any] = {"vocabs": [512, 2048], "tokens": [64, 256], "hidden": 32, "chunk": 16}
+WORKLOAD: dict[str, Any] = {
+    "vocabs": [32000, 128000, 256000], "tokens": [4096, 16384], "hidden": 256, "chunk": 1024, "chunk_mib": 512.0,
+}  # fmt: skip
+# A budget small enough to shrink the smoke test's chunks too (16 rows at V 512, 8 at 2048).
+SMOKE_WORKLOAD: dict[str, Any] = {
+    "vocabs": [512, 2048], "tokens": [64, 256], "hidden": 32, "chunk": 16, "chunk_mib": 0.25,
+}  # fmt: skip
 # The correctness check before any timing: small, but several chunks and a vocabulary that is not a power of 2.
 CHECK = {"vocab": 1000, "tokens": 300, "hidden": 64, "chunk": 128}
 GIB = 2**30
@@ -58,11 +68,12 @@ VERIFY = "verify"  # the worker key of the check
 
 # Peak memory above the inputs, in float32 arrays of V columns (measured on CPU at V = 32,000, N = 1,024 and 4,096):
 # the reference holds 8 [N, V] arrays at its peak (copies of the target rows, two log-softmaxes, the clamp, exp(p),
-# p - q, the gradient); chunked holds the [N, V] gradient buffer of its logits plus 2 [chunk, V] arrays; fused
-# holds 4 [chunk, V] arrays (the chunk's logits are one) and its weight gradient, nothing of size N x V.
+# p - q, the gradient); chunked holds the [N, V] gradient buffer of its logits plus 2 [rows, V] arrays; fused
+# holds 4 [rows, V] arrays (the chunk's logits are one) and its weight gradient, nothing of size N x V.
 REFERENCE_ARRAYS = 8
 CHUNKED_CHUNK_ARRAYS = 2
 FUSED_CHUNK_ARRAYS = 4
+BUDGET_ARRAYS = 4  # what hf_kd.losses.base.chunk_rows sizes a chunk by (its CHUNK_ARRAYS), for the predictions here
 MARGIN = 1.15  # predictions are rounded up by this much, and a point must also fit in MemAvailable
 
 
@@ -82,14 +93,23 @@ def input_bytes(path: str, vocab: int, tokens: int, hidden: int, itemsize: int) 
     return {"student": student, "teacher": tokens * vocab * itemsize, "labels": tokens * 8}
 
 
-def predict_bytes(path: str, vocab: int, tokens: int, hidden: int, chunk: int, itemsize: int) -> int:
+def rows_per_chunk(chunk: int, chunk_mib: float | None, vocab: int) -> int:
+    """Target tokens per chunk, as hf_kd.losses.base.chunk_rows chooses them (the worker records what hf_kd chose)."""
+    if not chunk_mib:
+        return chunk
+    return max(1, min(chunk, int(chunk_mib * 2**20) // (BUDGET_ARRAYS * 4 * vocab)))
+
+
+def predict_bytes(
+    path: str, vocab: int, tokens: int, hidden: int, chunk: int, itemsize: int, chunk_mib: float | None = None
+) -> int:
     """Predicted peak of a point: its inputs plus the loss's working memory (float32 arrays of V columns)."""
-    chunk_array = min(chunk, tokens) * vocab * 4
+    chunk_array = min(rows_per_chunk(chunk, chunk_mib, vocab), tokens) * vocab * 4
     if path == "reference":
         loss = REFERENCE_ARRAYS * tokens * vocab * 4
     elif path == "chunked":
         loss = tokens * vocab * itemsize + CHUNKED_CHUNK_ARRAYS * chunk_array  # gradient buffer, one chunk
-    else:  # one chunk; the weight's gradient (float32 sum and its copy); the hidden states' gradient
+    else:  # one chunk; the weight's gradient (float32 sum, and its copy for bf16 weights); the hidden states' gradient
         loss = FUSED_CHUNK_ARRAYS * chunk_array + 2 * vocab * hidden * 4 + tokens * hidden * itemsize
     return int(MARGIN * (sum(input_bytes(path, vocab, tokens, hidden, itemsize).values()) + loss))
 
@@ -164,7 +184,9 @@ def make_inputs(path: str, vocab: int, tokens: int, hidden: int, device: str, dt
     return inputs
 
 
-def loss_step(path: str, inputs: dict[str, Any], vocab: int, chunk: int) -> Callable[[], float]:
+def loss_step(
+    path: str, inputs: dict[str, Any], vocab: int, chunk: int, chunk_mib: float | None
+) -> Callable[[], float]:
     """A closure running forward + backward of ``path`` on ``inputs``, then dropping the gradients."""
     reference, chunked, fused, output_layer = _loss_functions()
     labels, teacher = inputs["labels"], inputs["teacher"]
@@ -174,9 +196,9 @@ def loss_step(path: str, inputs: dict[str, Any], vocab: int, chunk: int) -> Call
         if path == "reference":
             return reference(inputs["logits"], teacher, labels)
         if path == "chunked":
-            return chunked(inputs["logits"], teacher, labels, vocab_size=vocab, chunk_size=chunk)
+            return chunked(inputs["logits"], teacher, labels, vocab_size=vocab, chunk_size=chunk, chunk_mib=chunk_mib)
         layer = output_layer(weight=inputs["weight"])
-        return fused(inputs["hidden"], layer, teacher, labels, vocab_size=vocab, chunk_size=chunk)
+        return fused(inputs["hidden"], layer, teacher, labels, vocab_size=vocab, chunk_size=chunk, chunk_mib=chunk_mib)
 
     def step() -> float:
         loss = forward().loss
@@ -188,14 +210,18 @@ def loss_step(path: str, inputs: dict[str, Any], vocab: int, chunk: int) -> Call
     return step
 
 
-def worker(path: str, device: str, vocab: int, tokens: int, hidden: int, chunk: int, steps: int) -> dict[str, Any]:
+def worker(
+    path: str, device: str, vocab: int, tokens: int, hidden: int, chunk: int, chunk_mib: float | None, steps: int
+) -> dict[str, Any]:
     """One point: inputs, a warm-up step, then ``steps`` timed steps; their median time and their peak memory."""
     import torch
+
+    from hf_kd.losses.base import chunk_rows
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     meter = Meter(device)
     inputs = make_inputs(path, vocab, tokens, hidden, device, dtype)
-    step = loss_step(path, inputs, vocab, chunk)
+    step = loss_step(path, inputs, vocab, chunk, chunk_mib)
     meter.sync()
     meter.mark_inputs()
     step()  # warm-up: first-call costs (allocations, kernel selection) stay out of the timings
@@ -217,6 +243,7 @@ def worker(path: str, device: str, vocab: int, tokens: int, hidden: int, chunk: 
         "baseline_bytes": base,
         "peak_bytes": peak,
         "loss_peak_bytes": peak - base,
+        "chunk_rows": chunk_rows(chunk, chunk_mib, vocab) if path != "reference" else tokens,
         # A cross-check of VmHWM: the process's all-time peak RSS over its RSS once the inputs existed.
         "ru_maxrss_growth_bytes": rusage_after - meter.inputs_maxrss,
     }
@@ -294,6 +321,7 @@ def _spawn(points: list[str], args: argparse.Namespace, w: dict[str, Any]) -> di
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(args.threads))
     cmd = [sys.executable, __file__, "--worker", ",".join(points), "--device", args.device, "--threads"]
     cmd += [str(args.threads), "--hidden", str(w["hidden"]), "--chunk", str(w["chunk"]), "--steps", str(args.steps)]
+    cmd += ["--chunk-mib", str(w["chunk_mib"] or 0)]
     timeout = args.point_timeout * len(points)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
@@ -314,7 +342,7 @@ def _spawn(points: list[str], args: argparse.Namespace, w: dict[str, Any]) -> di
 def plan_point(path: str, vocab: int, tokens: int, args: argparse.Namespace, w: dict[str, Any]) -> dict[str, Any]:
     """A point's input sizes and predicted peak, and ``skipped`` when that exceeds ``--max-gib``."""
     itemsize = 2 if args.device == "cuda" else 4
-    predicted = predict_bytes(path, vocab, tokens, w["hidden"], w["chunk"], itemsize)
+    predicted = predict_bytes(path, vocab, tokens, w["hidden"], w["chunk"], itemsize, w["chunk_mib"])
     record: dict[str, Any] = {
         "input_bytes": input_bytes(path, vocab, tokens, w["hidden"], itemsize),
         "predicted_peak_bytes": predicted,
@@ -393,6 +421,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--tokens", type=_int_list, help="comma-separated target-token counts (default 4096,16384)")
     parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset of " + ",".join(PATHS))
+    parser.add_argument(
+        "--chunk-mib", type=float, help="memory budget of a loss chunk in MiB (default hf_kd's 512; 0: no budget)"
+    )
     parser.add_argument("--point-timeout", type=float, default=900.0, help="seconds before a point is given up")
     parser.add_argument("--out", help="output folder (default benchmarks/results; a temporary folder with --smoke)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check that the script runs (not results)")
@@ -400,6 +431,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hidden", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--chunk", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.chunk_mib is not None and args.chunk_mib < 0:
+        _fail("--chunk-mib must be 0 (no budget) or a positive number of MiB, e.g. --chunk-mib 512.")
     if args.threads < 1 or args.steps < 1:
         _fail("--threads and --steps must be at least 1.")
     if not args.max_gib > 0:
@@ -421,7 +454,8 @@ def run_worker(args: argparse.Namespace) -> None:
                 sys.exit(1)  # and measure nothing after a failed check
         else:
             vocab, tokens, path = key.split("/")
-            result = worker(path, args.device, int(vocab), int(tokens), args.hidden, args.chunk, args.steps)
+            budget = args.chunk_mib or None
+            result = worker(path, args.device, int(vocab), int(tokens), args.hidden, args.chunk, budget, args.steps)
         print("RESULT " + json.dumps({"key": key, **result}), flush=True)
 
 
@@ -439,6 +473,8 @@ def main(argv: list[str] | None = None) -> None:
     w = dict(SMOKE_WORKLOAD if args.smoke else WORKLOAD)
     w["vocabs"] = args.vocabs or w["vocabs"]
     w["tokens"] = args.tokens or w["tokens"]
+    if args.chunk_mib is not None:
+        w["chunk_mib"] = args.chunk_mib or None
     paths = [p for p in PATHS if p in args.paths.split(",")]
     out = (
         Path(args.out)
@@ -496,6 +532,11 @@ def _cell(r: dict[str, Any], key: str) -> str:
     return "error" if "error" in r else "-"
 
 
+def _mib(n: int) -> str:
+    mib = n / 2**20
+    return f"{mib:,.0f}" if abs(mib) >= 10 else f"{mib:.1f}"
+
+
 def _ratio(a: dict[str, Any], b: dict[str, Any], key: str) -> str:
     return f"{a[key] / b[key]:.3f}" if key in a and b.get(key) else "-"
 
@@ -512,10 +553,12 @@ def markdown(report: dict[str, Any]) -> str:
         f"{env['load_average_before'][0]:.2f} / {env['load_average_after'][0]:.2f}; wall time "
         f"{report['wall_s'] / 60:.1f} min  ",
         f"Software: Python {env['python']}, torch {env['torch']}  ",
-        f"Workload: every token a target, hidden {w['hidden']}, chunk {w['chunk']}, inputs {w['input_dtype']}, "
+        f"Workload: every token a target, hidden {w['hidden']}, chunk {w['chunk']} tokens at most, memory budget "
+        f"{_budget(w)} per chunk, inputs {w['input_dtype']}, "
         f"forward KL with alpha 0.5; one warm-up step, median of {w['steps']} timed steps; points predicted to "
         f"need more than {w['max_gib']:g} GiB are skipped  ",
         f"Memory: {_methods(report)}, peak of the timed steps above the memory in use before them (inputs)  ",
+        *_load_note(env),
         f"Check before timing (V {check['point']['vocab']}, N {check['point']['tokens']}): loss "
         + ", ".join(f"{k} {v:.6f}" for k, v in check["loss"].items())
         + f"; largest gradient error relative to reference {_grad_err(check):.1e}",
@@ -535,6 +578,7 @@ def markdown(report: dict[str, Any]) -> str:
                 for k in ("step_s_median", "loss_peak_bytes")
             ]
             lines.append(f"| {vocab:,} | {tokens:,} | " + " | ".join(cells + ratios) + " |")
+    lines += working_memory_table(report)
     lines += [
         "",
         "Inputs (MiB): the student's (logits [N, V], or for fused hidden [N, H] + weight [V, H]) and the "
@@ -555,6 +599,59 @@ def markdown(report: dict[str, Any]) -> str:
     if errors:
         lines += ["", "Errors:", *errors]
     return "\n".join(lines) + "\n"
+
+
+def _budget(w: dict[str, Any]) -> str:
+    return f"{w['chunk_mib']:g} MiB" if w.get("chunk_mib") else "none"
+
+
+def _load_note(env: dict[str, Any]) -> list[str]:
+    busy = max(env["load_average_before"][0], env["load_average_after"][0]) > 1.5 * env["threads"]
+    note = "Times: rough, the machine was shared with other work (see the load average); memory is not  "
+    return [note] if busy else []
+
+
+def working_bytes(report: dict[str, Any], vocab: int, tokens: int, path: str) -> int | None:
+    """A point's peak above its inputs less the gradients of the student's inputs (the same size as those inputs),
+    which any loss returns: the loss's own working memory."""
+    r = _point(report, vocab, tokens, path)
+    if "loss_peak_bytes" not in r:
+        return None
+    itemsize = 2 if report["environment"]["device"] == "cuda" else 4
+    return r["loss_peak_bytes"] - input_bytes(path, vocab, tokens, report["workload"]["hidden"], itemsize)["student"]
+
+
+def working_memory_table(report: dict[str, Any]) -> list[str]:
+    """Working memory (MiB) of the chunked and fused paths, rows per chunk, and the ratio to the smallest vocabulary."""
+    w = report["workload"]
+    paths = [p for p in ("chunked", "fused") if p in w["paths"]]
+    if not paths:
+        return []
+    first = min(w["vocabs"])
+    lines = [
+        "",
+        "Working memory (MiB): the peak above the inputs less the gradients of the student's inputs ([N, V] logits; "
+        f"hidden states and output weight), which every loss returns; ratio to V = {first:,} at the same N.",
+        "",
+        "| V | N | " + " | ".join(f"{p} rows/chunk | {p} working MiB | {p} / V {first:,}" for p in paths) + " |",
+        "|---:|---:|" + "---:|---:|---:|" * len(paths),
+    ]
+    for vocab in w["vocabs"]:
+        for tokens in w["tokens"]:
+            cells = []
+            for path in paths:
+                r, work, base = (
+                    _point(report, vocab, tokens, path),
+                    working_bytes(report, vocab, tokens, path),
+                    working_bytes(report, first, tokens, path),
+                )
+                cells += [
+                    f"{r['chunk_rows']:,}" if "chunk_rows" in r else "-",
+                    _mib(work) if work is not None else _cell(r, "loss_peak_bytes"),
+                    f"{work / base:.2f}" if work is not None and base else "-",
+                ]
+            lines.append(f"| {vocab:,} | {tokens:,} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _grad_err(check: dict[str, Any]) -> float:
@@ -605,7 +702,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     env = report["environment"]
     fig.suptitle(
         f"hf_kd loss scaling on {env['device']} ({env['threads']} thread(s), inputs "
-        f"{w['input_dtype']}, chunk {w['chunk']}, H {w['hidden']}); skipped points absent"
+        f"{w['input_dtype']}, chunk {w['chunk']}, budget {_budget(w)}, H {w['hidden']}); skipped points absent"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)

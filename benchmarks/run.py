@@ -231,12 +231,12 @@ def _make_trainer(variant: str, student, teacher, tokenizer, device: str):
         trainer = Trainer(model=student, args=_training_args(TrainingArguments, device), processing_class=tokenizer)
     elif variant.startswith("hf_kd"):
         fields = {"alpha": 0.0} if "kl_only" in variant else {}
-        if "chunked" in variant or "fused" in variant:
-            fields["loss_chunk_size"] = chunk
-        if "fused" in variant:
-            if "fuse_output_layer" not in DistillationConfig.__dataclass_fields__:
-                raise SkipVariant("this hf_kd has no fuse_output_layer option")
-            fields["fuse_output_layer"] = True
+        # Every path explicit: "hf_kd" is unchunked, "_chunked" never fused (the default, "auto", fuses where it can).
+        fields["loss_chunk_size"] = chunk if "chunked" in variant or "fused" in variant else None
+        if "fuse_output_layer" in DistillationConfig.__dataclass_fields__:
+            fields["fuse_output_layer"] = "fused" in variant
+        elif "fused" in variant:
+            raise SkipVariant("this hf_kd has no fuse_output_layer option")
         args = _training_args(DistillationConfig, device, **fields)
         trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, processing_class=tokenizer)
     elif variant.startswith("trl_gkd"):

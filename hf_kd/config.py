@@ -7,11 +7,11 @@ import json
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from transformers import Seq2SeqTrainingArguments
 
-from hf_kd.losses import DIVERGENCES
+from hf_kd.losses import DEFAULT_CHUNK_MIB, DIVERGENCES
 from hf_kd.losses.topk import TAIL_TREATMENTS
 from hf_kd.student.hidden import HIDDEN_LOSSES
 
@@ -150,12 +150,15 @@ class DistillationConfig(Seq2SeqTrainingArguments):
             "None computes all at once (same result, more memory and time)."
         },
     )
-    fuse_output_layer: bool = field(
-        default=False,
+    fuse_output_layer: Literal["auto", True, False] = field(
+        default="auto",
         metadata={
-            "help": "In training, apply the student's output layer inside the loss, one chunk of loss_chunk_size "
-            "(default 1024) target tokens at a time, so that its [batch, seq, vocab] logits are never formed "
-            "(a fused linear loss, as in Liger-Kernel). Needs a linear output layer; not with DeepSpeed ZeRO-3 or FSDP."
+            "help": "In training, apply the student's output layer inside the loss, one chunk of target tokens at a "
+            "time, so that its [batch, seq, vocab] logits are never formed (a fused linear loss, as in Liger-Kernel). "
+            "'auto': fused wherever the student allows it, else the chunked loss on its logits, said once in the log "
+            "(logit soft-capping or scales, an output layer that is not a plain Linear such as an adapter's, DeepSpeed "
+            "ZeRO-3 or FSDP, cross_tokenizer; loss_chunk_size None keeps the unchunked loss). True: fused, or an error "
+            "where it cannot be. False: never. The same loss and gradients either way."
         },
     )
     teacher_reuses_student_encoder: bool = field(
@@ -249,6 +252,17 @@ class DistillationConfig(Seq2SeqTrainingArguments):
         metadata={"help": "Layer-normalize both hidden states (no learned parameters) before comparing them."},
     )
 
+    loss_chunk_mib: float | None = field(
+        default=DEFAULT_CHUNK_MIB,
+        metadata={
+            "help": "Memory budget of one chunk of the loss, in MiB: a chunk holds at most loss_chunk_size target "
+            "tokens, and where the vocabulary is large only as many as keep its float32 work (about four [tokens, "
+            "vocab] arrays) within the budget, so that the loss's memory stays flat in the vocabulary (at 512: 1024 "
+            "tokens up to a vocabulary of 32,768, 128 at 262,144). None: loss_chunk_size tokens whatever the "
+            "vocabulary. The same loss and gradients either way."
+        },
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if isinstance(self.teacher_model_init_kwargs, str):
@@ -271,6 +285,12 @@ class DistillationConfig(Seq2SeqTrainingArguments):
             raise ValueError(f"max_new_tokens={self.max_new_tokens} must be at least 1.")
         if self.loss_chunk_size is not None and self.loss_chunk_size <= 0:
             raise ValueError(f"loss_chunk_size={self.loss_chunk_size} must be a positive number of tokens or None.")
+        if self.loss_chunk_mib is not None and not 0 < self.loss_chunk_mib < math.inf:
+            raise ValueError(f"loss_chunk_mib={self.loss_chunk_mib} must be a positive number of MiB or None.")
+        if isinstance(self.fuse_output_layer, str) and self.fuse_output_layer.lower() in ("true", "false"):
+            self.fuse_output_layer = self.fuse_output_layer.lower() == "true"
+        if self.fuse_output_layer not in ("auto", True, False):
+            raise ValueError(f"fuse_output_layer={self.fuse_output_layer!r}: use 'auto', True or False.")
 
     def _check_numbers(self) -> None:
         """Refuse NaN, infinite and out-of-range float settings: they would reach the loss or the optimizer and

@@ -40,6 +40,7 @@ from hf_kd.losses import (
     StudentOutput,
     forward_without_logits,
     output_layer,
+    resolve_fusion,
     score,
 )
 from hf_kd.saving import save_atomically
@@ -141,7 +142,7 @@ def settings_in_use(args: DistillationConfig, **facts: bool) -> set[str]:
         "seq_kd": args.seq_kd,
         "hidden_state_loss_weight > 0": args.hidden_state_loss_weight > 0,
         "teacher_reuses_student_encoder": args.teacher_reuses_student_encoder,
-        "fuse_output_layer": args.fuse_output_layer,
+        "fuse_output_layer": args.fuse_output_layer is True,  # "auto" falls back where fusing cannot be done
         **facts,
     }
     return {name for name, on in flags.items() if on}
@@ -227,9 +228,13 @@ class DistillationTrainer(Seq2SeqTrainer):
         self._empty_steps_said = 0
         self._prediction_metrics: dict[str, float] = {}  # what predict() measured: the Trainer does not log it
         self._batch_ce: torch.Tensor | None = None  # the student's mean CE on the batch compute_loss last evaluated
-        self.loss_settings = LossSettings.from_config(args)
-        if args.fuse_output_layer:
-            output_layer(model)  # raises UnfusableModelError for a model whose logits it cannot reproduce
+        # True raises UnfusableModelError for a model whose logits it cannot reproduce; "auto" falls back, once said.
+        fuse = resolve_fusion(
+            args.fuse_output_layer, model, chunked=args.loss_chunk_size is not None,
+            cross_tokenizer=args.cross_tokenizer, sharded=self.is_fsdp_enabled or is_deepspeed_zero3_enabled(),
+            say=self.is_local_process_zero(),
+        )  # fmt: skip
+        self.loss_settings = LossSettings.from_config(args, fuse_output_layer=fuse)
         self.teacher_source: TeacherSource
         if self.teacher_cache is not None:
             self.teacher, self.hidden_distiller = None, None

@@ -11,8 +11,8 @@ from helpers import config, lm_collator, lm_dataset, seq2seq_collator, seq2seq_d
 
 from hf_kd import DistillationTrainer
 
-# (student loss_chunk_size, fuse_output_layer) against the unchunked loss
-VARIANTS = [(3, False), (1000, False), (3, True), (None, True)]
+# (student loss_chunk_size, fuse_output_layer) against the unchunked loss; "auto" (the default) fuses these students
+VARIANTS = [(3, False), (1000, False), (3, True), (None, True), (3, "auto")]
 MODELS = {
     "gpt2": lambda v: (tiny_gpt2(v + 5, seed=1), tiny_gpt2(v + 2, seed=2, n_layer=3)),
     "t5": lambda v: (tiny_t5(v + 7, seed=1), tiny_t5(v + 3, seed=2, d_model=48)),

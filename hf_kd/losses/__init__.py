@@ -11,6 +11,7 @@
 """
 
 from hf_kd.losses.base import (
+    DEFAULT_CHUNK_MIB,
     DEFAULT_CHUNK_SIZE,
     IGNORE_INDEX,
     DistillationLossOutput,
@@ -33,16 +34,23 @@ from hf_kd.losses.divergences import (
     skew_reverse_kl,
     tvd,
 )
-from hf_kd.losses.output_layer import OutputLayer, UnfusableModelError, forward_without_logits, output_layer
+from hf_kd.losses.output_layer import (
+    OutputLayer,
+    UnfusableModelError,
+    forward_without_logits,
+    output_layer,
+    resolve_fusion,
+)
 from hf_kd.losses.reference import distillation_loss
 from hf_kd.losses.scoring import StudentOutput, TeacherRows, score
 from hf_kd.losses.topk import TAIL_TREATMENTS, CacheAlignmentError, TopKRows, sparse_distillation_loss
 
 __all__ = [
-    "DEFAULT_CHUNK_SIZE", "DIVERGENCES", "IGNORE_INDEX", "MIN_LOG_PROB", "TAIL_TREATMENTS", "AlignedRows",
+    "DEFAULT_CHUNK_MIB", "DEFAULT_CHUNK_SIZE", "DIVERGENCES", "IGNORE_INDEX", "MIN_LOG_PROB", "TAIL_TREATMENTS",
+    "AlignedRows",
     "CacheAlignmentError", "CrossTokenizerLossOutput", "DistillationLossOutput", "LossSettings", "OutputLayer",
     "StudentOutput", "TeacherRows", "TopKRows", "UnfusableModelError", "chunked_distillation_loss",
     "cross_tokenizer_loss", "distillation_loss", "forward_kl", "forward_without_logits", "fused_distillation_loss",
-    "get_divergence", "jsd", "log_probs", "mix_terms", "finish", "normalizer", "output_layer", "reverse_kl",
-    "score", "skew_forward_kl", "skew_reverse_kl", "sparse_distillation_loss", "tvd",
+    "get_divergence", "jsd", "log_probs", "mix_terms", "finish", "normalizer", "output_layer", "resolve_fusion",
+    "reverse_kl", "score", "skew_forward_kl", "skew_reverse_kl", "sparse_distillation_loss", "tvd",
 ]  # fmt: skip

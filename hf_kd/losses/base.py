@@ -20,6 +20,13 @@ IGNORE_INDEX = -100
 """The label of positions that are not targets, as in Transformers."""
 
 DEFAULT_CHUNK_SIZE = 1024
+DEFAULT_CHUNK_MIB = 512
+"""The default memory budget of one chunk of the loss, in MiB (see :func:`chunk_rows`)."""
+CHUNK_ARRAYS = 4
+"""How many float32 ``[rows, vocab]`` arrays a chunk holds at its peak, which :func:`chunk_rows` sizes the chunk by:
+forward KL, the default, holds four on the fused path (the chunk's logits, the student's and the teacher's
+log-probabilities, the teacher's probabilities) and fewer from given logits or a top-k cache; the divergences that
+go through autograd hold a few more."""
 
 
 class LossKeywords(TypedDict, total=False):
@@ -45,6 +52,8 @@ class LossSettings:
         beta: the ``jsd`` mixture weight.
         skew: the skew of ``skew_forward_kl`` and ``skew_reverse_kl``.
         chunk_size: target tokens per chunk; ``None`` computes the unchunked reference.
+        chunk_mib: the memory budget of one chunk in MiB: chunks hold fewer than ``chunk_size`` target tokens where
+            the vocabulary is large (see :func:`chunk_rows`); ``None``: ``chunk_size`` whatever the vocabulary.
         fuse_output_layer: apply the student's output layer inside the chunked loss (training only).
         uld_weight: the weight of the ULD term of the cross-tokenizer loss.
 
@@ -58,14 +67,24 @@ class LossSettings:
     beta: float = 0.5
     skew: float = 0.1
     chunk_size: int | None = DEFAULT_CHUNK_SIZE
+    chunk_mib: float | None = DEFAULT_CHUNK_MIB
     fuse_output_layer: bool = False
     uld_weight: float = 1.0
 
     @classmethod
-    def from_config(cls, args: Any) -> LossSettings:
+    def from_config(cls, args: Any, **overrides: Any) -> LossSettings:
+        """The settings of a :class:`hf_kd.DistillationConfig`; ``overrides`` replace fields (the trainer passes
+        ``fuse_output_layer``, which it resolves from "auto" by the student: see
+        :func:`hf_kd.losses.output_layer.resolve_fusion`)."""
         same_names = {name: getattr(args, name) for name in LossKeywords.__annotations__}
-        extra = {"uld_weight": getattr(args, "uld_weight", 1.0), "fuse_output_layer": args.fuse_output_layer}
-        return cls(**same_names, chunk_size=args.loss_chunk_size, **extra)
+        fields = {
+            **same_names,
+            "chunk_size": args.loss_chunk_size,
+            "chunk_mib": getattr(args, "loss_chunk_mib", DEFAULT_CHUNK_MIB),
+            "uld_weight": getattr(args, "uld_weight", 1.0),
+            "fuse_output_layer": args.fuse_output_layer is True,
+        }
+        return cls(**{**fields, **overrides})
 
     @property
     def divergence(self) -> Callable[..., torch.Tensor]:
@@ -94,6 +113,19 @@ class DistillationLossOutput:
     agreement: torch.Tensor | None
     """How many target tokens have the same top-1 token under student and teacher, detached; None without a
     teacher."""
+
+
+def chunk_rows(chunk_size: int, chunk_mib: float | None, vocab: int) -> int:
+    """Target tokens per chunk: ``chunk_size``, fewer where :data:`CHUNK_ARRAYS` float32 ``[rows, vocab]`` arrays would
+    not fit ``chunk_mib`` MiB, and at least 1.
+
+    So the loss's working memory stays flat in the vocabulary: with the defaults (1024 tokens, 512 MiB), chunks
+    hold 1024 tokens up to a vocabulary of 32,768, 667 at GPT-2's 50,257 and 128 at 262,144.
+    """
+    if chunk_mib is None:
+        return chunk_size
+    fit = int(chunk_mib * 2**20) // (CHUNK_ARRAYS * 4 * max(vocab, 1))
+    return max(1, min(chunk_size, fit))
 
 
 def mix_terms(ce: torch.Tensor, kd: torch.Tensor, alpha: float, temperature: float) -> torch.Tensor:

@@ -24,11 +24,13 @@ import torch
 import torch.nn.functional as F
 
 from hf_kd.losses.base import (
+    DEFAULT_CHUNK_MIB,
     DEFAULT_CHUNK_SIZE,
     IGNORE_INDEX,
     DistillationLossOutput,
     LossKeywords,
     LossSettings,
+    chunk_rows,
     mix_terms,
     normalizer,
 )
@@ -200,9 +202,8 @@ class _ChunkedDistillation(torch.autograd.Function):
                 grad_x[:, s.vocab_size :] = 0
         w = weight[: s.vocab_size] if weight is not None else None
         b = bias.reshape(-1)[: s.vocab_size] if bias is not None else None
-        # Weight and bias gradients are sums over chunks: accumulate them in float32.
-        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
-        grad_b = torch.zeros(b.shape, dtype=torch.float32, device=b.device) if need_b else None
+        full_w, grad_w = _gradient_buffers(weight, w) if need_w else (None, None)
+        full_b, grad_b = _gradient_buffers(bias, b) if need_b else (None, None)
         kd_sum = torch.zeros((), dtype=torch.float32, device=flat.device)
         ce_sum = torch.zeros((), dtype=torch.float32, device=flat.device)
         loss = torch.zeros((), dtype=torch.float32, device=flat.device)
@@ -241,15 +242,10 @@ class _ChunkedDistillation(torch.autograd.Function):
             top1 = t_chunk.ids[:, 0].long() if isinstance(t_chunk, TopKRows) else t_chunk.argmax(-1)
             agreement += (logits.argmax(-1) == top1).sum()
 
-        if grad_w is not None:
-            full = torch.zeros_like(weight)
-            full[: s.vocab_size] = grad_w.to(weight.dtype)
-            grad_w = full
-        if grad_b is not None:
-            full = torch.zeros_like(bias).reshape(-1)
-            full[: s.vocab_size] = grad_b.to(bias.dtype)
-            grad_b = full.reshape(bias.shape)
-        ctx.grads = (grad_x.view_as(inputs) if grad_x is not None else None, grad_w, grad_b)
+        for full, summed in ((full_w, grad_w), (full_b, grad_b)):
+            if full is not None and full.dtype != torch.float32:
+                full.view(-1)[: summed.numel()] = summed.view(-1)  # cast the float32 sum once, at the end
+        ctx.grads = (grad_x.view_as(inputs) if grad_x is not None else None, full_w, full_b)
         ctx.mark_non_differentiable(kd_sum, ce_sum, agreement)
         return loss, kd_sum, ce_sum, agreement
 
@@ -260,6 +256,19 @@ class _ChunkedDistillation(torch.autograd.Function):
         if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
             grads = tuple(g * grad_loss.to(g.dtype) if g is not None else None for g in grads)
         return (*grads, None, None, None, None)
+
+
+def _gradient_buffers(param: torch.Tensor, used: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradient of ``param`` (zeros) and the float32 tensor the chunks add the gradient of ``used`` into.
+
+    ``used`` is the leading part of ``param`` (the vocabulary's rows of a wider output layer). The gradient is a sum
+    over chunks, so it is accumulated in float32: in the gradient itself when ``param`` is float32 (no second
+    tensor of the weight's size: at 256k x 4096 that would be 4 GiB), else in a float32 sum cast at the end.
+    """
+    full = torch.zeros(param.shape, dtype=param.dtype, device=param.device)
+    if param.dtype == torch.float32:
+        return full, full.view(-1)[: used.numel()].view(used.shape)
+    return full, torch.zeros(used.shape, dtype=torch.float32, device=param.device)
 
 
 def _targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -291,6 +300,7 @@ def _run(
     *,
     num_items_in_batch: int | torch.Tensor | None = None,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    chunk_mib: float | None = DEFAULT_CHUNK_MIB,
     **keywords: Unpack[LossKeywords],
 ) -> DistillationLossOutput:
     loss_settings = LossSettings(**keywords)
@@ -306,7 +316,7 @@ def _run(
         temperature=loss_settings.temperature,
         alpha=loss_settings.alpha,
         normalizer=float(normalizer(num_items_in_batch, num_tokens)),
-        chunk_size=chunk_size or DEFAULT_CHUNK_SIZE,
+        chunk_size=chunk_rows(chunk_size or DEFAULT_CHUNK_SIZE, chunk_mib, vocab),
         vocab_size=vocab,
         scale=layer.scale if layer is not None else 1.0,
     )
@@ -326,6 +336,7 @@ def chunked_distillation_loss(
     vocab_size: int | None = None,
     num_items_in_batch: int | torch.Tensor | None = None,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    chunk_mib: float | None = DEFAULT_CHUNK_MIB,
     **keywords: Unpack[LossKeywords],
 ) -> DistillationLossOutput:
     """:func:`hf_kd.losses.distillation_loss`, with float32 memory bounded by one chunk, backward included.
@@ -336,10 +347,14 @@ def chunked_distillation_loss(
     :class:`~hf_kd.losses.topk.TopKRows`, and ``vocab_size`` uses only the first columns of a wider
     ``student_logits`` without slicing it. The gradient with respect to ``student_logits``
     is formed during the forward pass (one buffer in the logits' dtype); backward scales it.
+
+    A chunk holds ``chunk_size`` target tokens, or fewer where the vocabulary is large: as many as keep its float32
+    work within ``chunk_mib`` MiB (:func:`hf_kd.losses.base.chunk_rows`; ``None``: no budget). Neither changes the
+    result beyond float32 rounding.
     """
     vocab = vocab_size or student_logits.shape[-1]
     return _run(student_logits, None, vocab, teacher_logits, labels, num_items_in_batch=num_items_in_batch,
-                chunk_size=chunk_size, **keywords)  # fmt: skip
+                chunk_size=chunk_size, chunk_mib=chunk_mib, **keywords)  # fmt: skip
 
 
 def fused_distillation_loss(
@@ -360,7 +375,7 @@ def fused_distillation_loss(
         teacher_logits: ``[..., vocab_size]`` aligned with ``labels``, or only the target rows.
         labels: target ids, :data:`~hf_kd.losses.IGNORE_INDEX` where there is no target.
         vocab_size: how many leading output columns to use (the whole output layer when ``None``).
-        options: ``num_items_in_batch``, ``chunk_size`` and the loss keywords, as in
+        options: ``num_items_in_batch``, ``chunk_size``, ``chunk_mib`` and the loss keywords, as in
             :func:`chunked_distillation_loss`.
     """
     vocab = vocab_size or output_layer.weight.shape[0]

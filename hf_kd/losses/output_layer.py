@@ -6,11 +6,13 @@ before the projection (T5's ``d_model ** -0.5`` rescale of tied embeddings inclu
 ``[batch, seq, vocab]`` logits are never formed. :func:`output_layer` returns the projection itself, with
 BART's ``final_logits_bias``, which those models add after it. Models that change their logits in other
 ways after the projection (soft-capping, logit scales) are refused with :class:`UnfusableModelError` rather
-than distilled with subtly wrong logits.
+than distilled with subtly wrong logits. :func:`resolve_fusion` decides ``fuse_output_layer="auto"``: fused
+wherever the model allows it, which is the fastest exact path.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,6 +20,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 # Config fields of models whose forward changes the logits after the output layer (Gemma 2/3, Cohere, Granite).
 _LOGIT_MODIFIERS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier")
@@ -90,7 +94,10 @@ def _capturing_output_layer(model: nn.Module) -> Iterator[list[torch.Tensor]]:
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
         captured.append(hidden)
-        return hidden.new_empty(*hidden.shape[:-1], 0)
+        # Empty logits, but in the graph of the hidden states and the weight: DDP's search for unused parameters
+        # (find_unused_parameters, the Trainer's default without gradient checkpointing) starts from the outputs,
+        # and would otherwise call every parameter unused, then fail when the loss's gradients reach them.
+        return hidden[..., :0] * head.weight.reshape(-1)[:1]
 
     final_bias = getattr(inner, "final_logits_bias", None)
     head.forward = forward
@@ -118,3 +125,43 @@ def forward_without_logits(model: nn.Module, inputs: dict[str, Any]) -> tuple[to
             "the fused loss supports models that call it once. Set fuse_output_layer=False."
         )
     return captured[0], outputs
+
+
+def resolve_fusion(
+    setting: bool | str,
+    model: nn.Module,
+    *,
+    chunked: bool = True,
+    cross_tokenizer: bool = False,
+    sharded: bool = False,
+    say: bool = True,
+) -> bool:
+    """Whether training applies ``model``'s output layer inside the loss, for ``fuse_output_layer=setting``.
+
+    ``True`` checks that it can (raises :class:`UnfusableModelError` otherwise), ``False`` is False, and ``"auto"``
+    fuses wherever it can: unless the loss is unchunked (``chunked`` False: the reference was asked for), the
+    student reads other tokens than the teacher (``cross_tokenizer``), its weights are sharded (``sharded``:
+    DeepSpeed ZeRO-3, FSDP), or :func:`output_layer` refuses the model. A fallback is logged once, naming why,
+    when ``say`` (the local main process).
+    """
+    if setting is True:
+        output_layer(model)
+        return True
+    if setting is False or not chunked:
+        return False
+    why = "cross_tokenizer is on (the loss compares whole rows of two vocabularies)" if cross_tokenizer else None
+    if why is None and sharded:
+        why = "the student's weights are sharded (DeepSpeed ZeRO-3 or FSDP)"
+    if why is None:
+        try:
+            output_layer(model)
+            return True
+        except UnfusableModelError as err:
+            why = str(err).removesuffix(" Set fuse_output_layer=False.")
+    if say:
+        logger.warning(
+            "fuse_output_layer='auto': the loss uses the student's logits (the chunked loss), not its fused output "
+            "layer: %s. Same loss and gradients; set fuse_output_layer=False to choose this path and silence this.",
+            why,
+        )
+    return False

@@ -65,7 +65,7 @@ def score(
             student.logits, rows.logits, rows.alignment, vocab_map=rows.vocab_map, labels=labels,
             uld_weight=settings.uld_weight, chunk_size=settings.chunk_size, **keywords,
         )  # fmt: skip
-    chunk = {"vocab_size": vocab_size, "chunk_size": settings.chunk_size}
+    chunk = {"vocab_size": vocab_size, "chunk_size": settings.chunk_size, "chunk_mib": settings.chunk_mib}
     if student.hidden_states is not None:
         return fused_distillation_loss(student.hidden_states, student.output_layer, rows, labels, **chunk, **keywords)
     mask = labels.ne(IGNORE_INDEX)
