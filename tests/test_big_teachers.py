@@ -175,6 +175,13 @@ def test_placed_teacher_is_neither_moved_nor_cast_and_keeps_its_numbers(files, t
         )
 
 
+def test_placed_teacher_with_several_processes_is_warned_about(files, tmp_path, caplog) -> None:
+    accelerator = SimpleNamespace(distributed_type=DistributedType.MULTI_GPU, num_processes=2)
+    with caplog.at_level("WARNING", logger="hf_kd.teachers.loading"):
+        prepare_teacher(offloaded(files, tmp_path), SimpleNamespace(bf16=False, fp16=False), accelerator)
+    assert "each holds its own placement" in caplog.text
+
+
 @pytest.mark.parametrize("engine", [DistributedType.DEEPSPEED, DistributedType.FSDP])
 def test_placed_teacher_under_deepspeed_or_fsdp_is_refused(files, tmp_path, engine) -> None:
     accelerator = SimpleNamespace(distributed_type=engine, num_processes=2)
