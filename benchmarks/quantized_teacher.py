@@ -11,7 +11,7 @@ check the script runs (its figures mean nothing).
   teacher's own test perplexity and ROUGE-L;
 * cost: building the k = 64 cache of the training split in this process (seconds, target tokens per second), and
   ``hf-kd cache-teacher`` doing the same in its own process (wall seconds with start-up and loading, and peak
-  resident memory: ``wait4``'s ``ru_maxrss``), plus the teacher's weight bytes in memory (exact);
+  resident memory, the process's VmHWM), plus the teacher's weight bytes in memory (exact);
 * students: the quickstart's T5 2+2 x 64 student from scratch, forward KL (alpha 0, T 1) from each cache, one seed,
   the same initialisation and data order: test ROUGE-L and perplexity.
 
@@ -104,27 +104,33 @@ def timed_cache(model: Any, train: Any, tokenizer: Any, work: Path) -> dict[str,
     return {"cache_seconds": seconds, "cache_target_tokens_per_second": tokens / seconds}
 
 
+# Runs `hf-kd ARGS...` and then prints the process's peak RSS. Its own VmHWM, not wait4's ru_maxrss: Linux keeps
+# ru_maxrss across execve, so a child forked from this (large) process would report this process's size.
+CLI_WITH_PEAK = (
+    "import sys\nfrom hf_kd.cli import main\ncode = main(sys.argv[1:])\n"
+    "peak = [line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM:')][0]\n"
+    "print(f'VmHWM_KiB={peak}')\nsys.exit(code)"
+)
+
+
 def build_cache(teacher_dir: str, train_dir: Path, output: Path, quantization: str | None) -> dict[str, Any]:
     """``hf-kd cache-teacher`` in its own process: its wall seconds (start-up and loading included), peak RSS and
     the cache's size."""
-    command = [sys.executable, "-m", "hf_kd.cli", "cache-teacher", "--teacher", teacher_dir, "--dataset"]
+    command = [sys.executable, "-c", CLI_WITH_PEAK, "cache-teacher", "--teacher", teacher_dir, "--dataset"]
     command += [str(train_dir), "--output", str(output), "--k", str(CACHE_K), "--batch-size", "64", "--device", "cpu"]
     command += ["--quantization", quantization] if quantization else []
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     start = time.perf_counter()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output_text = process.stdout.read() if process.stdout else ""
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
-    if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{output_text[-3000:]}")
-    size = cache_size(output)
+    if result.returncode != 0:
+        raise RuntimeError(f"hf-kd {' '.join(command[3:])} failed:\n{result.stderr[-3000:]}")
+    peak = int(result.stdout.rsplit("VmHWM_KiB=", 1)[1].split()[0])
     return {
         "command": " ".join(["hf-kd", *command[3:]]),
         "seconds": seconds,
-        "peak_rss_mib": usage.ru_maxrss / 1024,  # Linux: KiB
-        **size,
+        "peak_rss_mib": peak / 1024,
+        **cache_size(output),
     }
 
 
@@ -272,6 +278,8 @@ def markdown(report: dict[str, Any]) -> str:
         s = students[name]
         lines.append(f"| {name} | {s['rougeL']:.2f} | {s['perplexity']:.3f} | {s['seconds']:.0f} |")
     lines += ["", "Cache commands:", ""] + [f"- `{caches[name]['command']}`" for name in ("full", "int8")]
+    if report.get("caches_note"):
+        lines += ["", f"Note: {report['caches_note']}."]
     return "\n".join(lines) + "\n"
 
 
