@@ -27,6 +27,7 @@ from hf_kd.teachers.loading import (
     load_named_tokenizer,
     load_saved_tokenizer,
 )
+from hf_kd.teachers.placement import check_offload, input_device, placement_options
 
 # The DataArguments fields `evaluate` takes from the command line (the training-only ones are left out).
 DATA_OPTIONS = (
@@ -45,14 +46,20 @@ DATA_OPTIONS = (
 )
 
 
-def load_model(key: str, name_or_path: str, dtype: str, device: str, trust_remote_code: bool = False) -> Any:
-    """A model with the Auto class its config asks for, in eval mode on ``device``; safetensors weights only
+def load_model(
+    key: str, name_or_path: str, dtype: str, device: str, trust_remote_code: bool = False, **placement: Any
+) -> Any:
+    """A model with the Auto class its config asks for, in eval mode on ``device`` (or where ``placement``, keyword
+    arguments of :func:`hf_kd.teachers.placement.placement_kwargs`, puts it); safetensors weights only
     (:func:`_model_configs` has checked a local folder's weights with :func:`hf_kd.errors.check_model_folder`)."""
     config = load_model_config(key, name_or_path, trust_remote_code, None)
     auto = AutoModelForSeq2SeqLM if task_of(config) == "seq2seq" else AutoModelForCausalLM
     model = load_weights(
-        key, name_or_path, auto, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        key, name_or_path, auto, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **placement
     )
+    if placement.get("device_map") is not None:
+        check_offload(model, placement.get("offload_folder"))
+        return model.eval()
     return model.to(device).eval()
 
 
@@ -101,7 +108,7 @@ def generate_texts(
     max_input_length: int | None = None,
 ) -> list[str]:
     """Decoded generations of an encoder-decoder model, one per source, special tokens removed."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     outputs = []
     for start in range(0, len(sources), batch_size):
         inputs = tokenizer(
@@ -294,7 +301,8 @@ def evaluate_pair(options: Any) -> dict[str, dict[str, float]]:
     device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
     results = {}
     for role, key, path in models:
-        model = load_model(key, path, options.dtype, device, options.trust_remote_code)
+        placement = placement_options(options, torch.device(device))
+        model = load_model(key, path, options.dtype, device, options.trust_remote_code, **placement)
         # Both models on the same blocks: the smallest position limit cuts them.
         cap = limit[0] if limit else None
         results[role] = evaluate_model(model, tokenizers[role], raw, data_args, options, metric, cap)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from hf_kd.losses.base import IGNORE_INDEX
+from hf_kd.teachers.placement import input_device
 
 if TYPE_CHECKING:
     from evaluate import EvaluationModule
@@ -131,7 +132,7 @@ def cross_entropy_sum(
         def data_collator(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
             return _pad_collate(features, pad)
 
-    device = next(model.parameters()).device
+    device = input_device(model)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -228,7 +229,7 @@ def generation_speed(
     if getattr(model.generation_config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
     eos = kwargs.get("eos_token_id", model.generation_config.eos_token_id)
-    device = next(model.parameters()).device
+    device = input_device(model)
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "right" if is_encoder_decoder else "left"
     was_training = model.training

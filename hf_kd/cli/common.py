@@ -18,6 +18,7 @@ from torch import nn
 
 from hf_kd.errors import ConfigError, TokenizerMismatchError, check_model_folder, check_source_path, first_line
 from hf_kd.teachers.loading import check_same_tokenizer, load_named_tokenizer, load_teacher
+from hf_kd.teachers.placement import PRESETS, is_placed, is_quantized, placement_options
 
 # Files that mean a folder holds a tokenizer: one that then cannot be loaded is an error, not "no tokenizer".
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model", "tokenizer.model")
@@ -65,7 +66,8 @@ def run_command(
 
 
 def add_teacher_runtime_options(parser: argparse.ArgumentParser) -> None:
-    """--device, --dtype and --trust-remote-code: how a command that runs the teacher loads it."""
+    """--device, --dtype, --trust-remote-code and the placement options (:func:`add_placement_options`): how a
+    command that runs the teacher loads it."""
     parser.add_argument("--device", default=None, help="cuda, cpu ... (default: cuda when available).")
     parser.add_argument(
         "--dtype",
@@ -75,6 +77,36 @@ def add_teacher_runtime_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--trust-remote-code", action="store_true", help="Run the repository's model code (only one you have read)."
+    )
+    add_placement_options(parser)
+
+
+def add_placement_options(parser: Any, what: str = "the teacher") -> None:
+    """--device-map, --max-memory, --offload-folder and --quantization: a model too big for one device, through
+    Accelerate's big-model inference and Transformers' quantization configs (docs/big-teachers.md)."""
+    parser.add_argument(
+        "--device-map",
+        default=None,
+        metavar="MAP",
+        help=f"Spread {what} over devices: auto (or balanced, sequential), one device (cpu, cuda:1), or JSON "
+        "{module: device}. Replaces --device.",
+    )
+    parser.add_argument(
+        "--max-memory",
+        default=None,
+        metavar="DEVICE=SIZE,...",
+        help="The most each device holds with --device-map (implied: auto), e.g. 0=20GiB,cpu=60GiB, or JSON. What does "
+        "not fit goes to disk only with --offload-folder.",
+    )
+    parser.add_argument(
+        "--offload-folder", default=None, metavar="DIR", help="Allow modules that fit nowhere to be read from disk."
+    )
+    parser.add_argument(
+        "--quantization",
+        default=None,
+        metavar="NAME|JSON",
+        help=f"Quantize {what} while loading: {', '.join(PRESETS)} (torchao, bitsandbytes, quanto), or a "
+        "Transformers quantization config as JSON text or a .json file.",
     )
 
 
@@ -99,10 +131,13 @@ def load_teacher_for_command(name: str, args: argparse.Namespace, option: str = 
     check_source_path(option, name)
     check_model_folder(option, name, safetensors_only=True)  # load_teacher reads safetensors only
     kwargs = {} if args.dtype == "auto" else {"dtype": getattr(torch, args.dtype)}
+    kwargs.update(placement_options(args, device_of(args.device)))
     options = SimpleNamespace(teacher_trust_remote_code=args.trust_remote_code, teacher_model_init_kwargs=kwargs)
     try:
         teacher, tokenizer = load_teacher(name, options)
-    except (OSError, ValueError, SafetensorError) as err:
+    except ConfigError:
+        raise
+    except (OSError, ValueError, SafetensorError, ImportError) as err:  # ImportError: a quantization backend's
         raise ConfigError(
             f"{option}={name!r} cannot be loaded ({first_line(err)}); pass a folder written by save_pretrained "
             "(config.json and safetensors weights) or a Hub id."
@@ -130,15 +165,17 @@ def _check_one_tokenizer(loaded: list[tuple[str, nn.Module, Any]]) -> None:
 
 
 def load_teachers(args: argparse.Namespace, names: list[str]) -> tuple[list[nn.Module], Any]:
-    """The teachers ``names`` on ``--device``, and their one tokenizer: ``--tokenizer``, else the (first)
-    teacher's own, else None. Any failure (their tokenizers differing too) is a ConfigError."""
+    """The teachers ``names`` on ``--device`` (or where ``--device-map`` placed them), and their one tokenizer:
+    ``--tokenizer``, else the (first) teacher's own, else None. Any failure (their tokenizers differing too) is a
+    ConfigError."""
     device = device_of(args.device)
     loaded = [(name, *load_teacher_for_command(name, args)) for name in names]
     _check_one_tokenizer(loaded)
     tokenizer = next((tokenizer for _, _, tokenizer in loaded if tokenizer is not None), None)
     if args.tokenizer:
         tokenizer = load_named_tokenizer("--tokenizer", args.tokenizer, args.trust_remote_code)
-    return [model.to(device) for _, model, _ in loaded], tokenizer
+    models = [model if is_placed(model) or is_quantized(model) else model.to(device) for _, model, _ in loaded]
+    return models, tokenizer
 
 
 def _saved_empty(folder: Path) -> bool:

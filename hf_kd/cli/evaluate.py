@@ -8,7 +8,7 @@ import json
 import textwrap
 from typing import Any
 
-from hf_kd.cli.common import run_command
+from hf_kd.cli.common import add_placement_options, run_command
 from hf_kd.errors import check_output_file, write_text_atomic
 from hf_kd.evaluation import DATA_OPTIONS, evaluate_pair, format_table
 from hf_kd.recipe.args import DataArguments
@@ -53,6 +53,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     models.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     models.add_argument("--trust_remote_code", action="store_true", help="only for repositories you have read")
+    add_placement_options(models, "each model")
 
     data = parser.add_argument_group("data (default: the --config's)")
     fields = {f.name: f for f in dataclasses.fields(DataArguments)}

@@ -41,6 +41,7 @@ from hf_kd.errors import ConfigError
 from hf_kd.losses import IGNORE_INDEX, MIN_LOG_PROB, log_probs
 from hf_kd.teachers.ensemble import TeacherEnsemble
 from hf_kd.teachers.loading import output_width
+from hf_kd.teachers.placement import input_device, state_tensors
 from hf_kd.teachers.shards import Workers, data_files, load_sharded, shard_dir, write_sharded
 
 CACHE_KIND = "hf-kd-teacher-topk-cache"
@@ -69,7 +70,7 @@ def config_hash(model: nn.Module) -> str:
 def weights_hash(model: nn.Module) -> str:
     """sha256 over every parameter and buffer: names, dtypes, shapes and bytes."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in state_tensors(model):  # offloaded weights read back, quantized ones as their parts
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
@@ -283,7 +284,7 @@ def _rows_to_dataset(per_row: list[dict[str, np.ndarray]], features: Features) -
 
 
 def _shard_maker(teacher: nn.Module, dataset: Dataset, settings: dict[str, Any]):  # noqa: ANN202
-    device = next(teacher.parameters()).device
+    device = input_device(teacher)
     is_ed = bool(getattr(teacher.config, "is_encoder_decoder", False))
     features = cache_features(settings["vocab_size"], settings["tail_samples"])
 

@@ -8,12 +8,21 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.hooks import AlignDevicesHook, add_hook_to_module
 from accelerate.utils import DistributedType
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 from hf_kd.errors import ConfigError, TokenizerMismatchError, check_source_path, first_line
 from hf_kd.fsdp import shard_teacher
+from hf_kd.teachers.placement import (
+    check_engine,
+    check_offload,
+    input_device,
+    is_placed,
+    is_quantized,
+    resolve_init_kwargs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -22,13 +31,20 @@ def load_teacher(name_or_path: str, args: Any) -> tuple[nn.Module, Any]:
     """Load a teacher (and its tokenizer, when it has one) with the Auto class that fits its config.
 
     Weights are read from safetensors only; ``teacher_trust_remote_code`` is whatever the config says (default off).
+    ``teacher_model_init_kwargs`` may place the teacher (``device_map``, ``max_memory``, ``offload_folder``) and
+    quantize it (``quantization_config``: a config, a dict, or a preset name of
+    :data:`hf_kd.teachers.placement.PRESETS`); see docs/big-teachers.md.
     """
     trust = bool(getattr(args, "teacher_trust_remote_code", False))
+    kwargs = resolve_init_kwargs(getattr(args, "teacher_model_init_kwargs", None) or {})
+    check_engine(args, kwargs)  # before the (possibly long) load
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust)
     auto_class = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-    kwargs = dict(getattr(args, "teacher_model_init_kwargs", None) or {})
     kwargs.setdefault("use_safetensors", True)
     teacher = auto_class.from_pretrained(name_or_path, trust_remote_code=trust, **kwargs)
+    if kwargs.get("device_map") is not None:
+        check_offload(teacher, kwargs.get("offload_folder"))
+        teacher.hf_kd_placed = True  # also {"": device}, which leaves no device map: prepare_teacher keeps it there
     return teacher, load_saved_tokenizer(name_or_path, trust_remote_code=trust)
 
 
@@ -167,11 +183,27 @@ def shared_vocab_size(
 
 
 def prepare_teacher(teacher: nn.Module, args: Any, accelerator: Accelerator) -> nn.Module:
-    """Freeze the teacher, cast it to the compute dtype and place it as Accelerate places eval models."""
+    """Freeze the teacher, cast it to the compute dtype and place it as Accelerate places eval models.
+
+    A teacher placed by a device map (Accelerate's big-model inference) stays where it is, in the dtype it was
+    loaded in; a quantized one keeps its dtype (see :func:`keep_placement`).
+    """
     teacher.eval()
     teacher.requires_grad_(False)
+    placed = is_placed(teacher)
+    if placed or is_quantized(teacher):
+        engines = {DistributedType.DEEPSPEED: "DeepSpeed", DistributedType.FSDP: "FSDP"}
+        engine = engines.get(accelerator.distributed_type)
+        if engine:
+            raise ValueError(
+                f"The teacher is {'placed by a device map' if placed else 'quantized'}, and {engine} places and "
+                "shards every model itself; load the teacher without device_map / quantization_config, or train "
+                f"without {engine}."
+            )
+    if placed:
+        return keep_placement(teacher, accelerator)
     compute_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
-    if compute_dtype is not None and next(teacher.parameters()).dtype == torch.float32:
+    if compute_dtype is not None and not is_quantized(teacher) and next(teacher.parameters()).dtype == torch.float32:
         teacher.to(compute_dtype)  # it never trains, so float32 master weights buy nothing
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         return _prepare_deepspeed(teacher, accelerator)
@@ -180,6 +212,25 @@ def prepare_teacher(teacher: nn.Module, args: Any, accelerator: Accelerator) -> 
         teacher = shard_teacher(teacher, accelerator)  # prepare_model neither moves nor shards it under FSDP
     # evaluation_mode: moved to the device and under autocast, but not wrapped in DDP.
     return accelerator.prepare_model(teacher, evaluation_mode=True)
+
+
+def keep_placement(teacher: nn.Module, accelerator: Accelerator) -> nn.Module:
+    """A teacher as its device map placed it: not moved, not cast, not under the training's autocast (load it in
+    the dtype it should run in). Its outputs come back to the device of its inputs (the student's): Accelerate's
+    hook on the whole model does that for a model spread over devices; one on a single device gets such a hook."""
+    hook = getattr(teacher, "_hf_hook", None)
+    if hook is None:
+        add_hook_to_module(teacher, AlignDevicesHook(execution_device=input_device(teacher), io_same_device=True))
+    elif hasattr(hook, "io_same_device"):
+        hook.io_same_device = True  # a model wholly offloaded has a root hook that returns on its execution device
+    if accelerator.num_processes > 1:
+        logger.warning(
+            "The teacher was placed by a device map, and %d processes train: each holds its own placement of it "
+            "(device_map 'auto' spreads every copy over all the GPUs it sees). Give each process its own devices "
+            "(CUDA_VISIBLE_DEVICES or max_memory) or a teacher cache (hf-kd cache-teacher).",
+            accelerator.num_processes,
+        )
+    return teacher
 
 
 def check_fsdp_loading(accelerator: Accelerator) -> None:

@@ -30,6 +30,7 @@ from hf_kd.errors import ConfigError
 from hf_kd.metrics import rouge
 from hf_kd.teachers.cache_writer import config_hash, dataset_hash, tokenizer_hash, weights_hash
 from hf_kd.teachers.loading import encoder_ids
+from hf_kd.teachers.placement import input_device
 from hf_kd.teachers.shards import ShardError, Workers, load_sharded, write_sharded
 
 PSEUDO_KIND = "hf-kd-pseudo-labels"
@@ -63,7 +64,7 @@ def generate_batch(teacher: nn.Module, tokenizer: Any, sources: list[str], setti
             encoder_ids(ids, tokenizer.eos_token_id, settings["max_source_length"]) for ids in enc["input_ids"]
         ]
         enc["attention_mask"] = [[1] * len(ids) for ids in enc["input_ids"]]
-    enc = tokenizer.pad(enc, return_tensors="pt").to(next(teacher.parameters()).device)
+    enc = tokenizer.pad(enc, return_tensors="pt").to(input_device(teacher))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.no_grad():
         out = teacher.generate(
