@@ -369,6 +369,11 @@ def test_claims_live_dead_and_other_hosts(tmp_path) -> None:
     second.release()
     path.write_text(json.dumps({"pid": dead_pid(), "host": os.uname().nodename}))
     assert Claim(path).is_stale()  # this host, pid gone
+    reused = {**json.loads(Claim(path).text), "start": "1"}  # this process's pid, another process's start time
+    path.write_text(json.dumps(reused))
+    assert Claim(path).is_stale()  # the pid was reused: the holder has ended
+    path.write_text(json.dumps({**reused, "start": Claim(path).info["start"]}))
+    assert not Claim(path).is_stale()  # this very process
     path.write_text(json.dumps({"pid": 1, "host": "another-host"}))
     assert not Claim(path, stale_after=60).is_stale()  # another host, touched just now: alive
     os.utime(path, (0, 1_000))

@@ -118,7 +118,7 @@ def test_a_stale_lock_is_taken_over(capsys, tmp_path) -> None:
     (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": 2**22 + 7, "host": "h", "command": "hf-kd x", "started": ""}))
     with folder_lock(tmp_path, "hf-kd y") as lock:
         assert json.loads(lock.read_text())["pid"] == os.getpid()
-    assert "left by hf-kd x (pid 4194311), which no longer runs" in capsys.readouterr().err
+    assert "left by hf-kd x (pid 4194311 on h), which no longer runs" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from transformers import HfArgumentParser
 
 from hf_kd.config import DistillationConfig
 from hf_kd.errors import ConfigError
-from hf_kd.recipe.output import LOCK_NAME
+from hf_kd.locking import LOCK_FILE
 
 STDLIB_DOCSTRINGS = "hf_kd/stdlib_docstrings"
 
@@ -499,7 +499,7 @@ def check_output_folder(
             )
     if overwrite or resume or not out.is_dir():
         return
-    held = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME)  # the lock: this run's own
+    held = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)  # the lock: this run's own
     if not held:
         return
     shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")

@@ -1,33 +1,30 @@
 """The folder a recipe writes: one run at a time in it, and what ``overwrite_output_dir`` may delete there.
 
-A run holds a lock file in its folder (its process id inside) from the first check to the end, so a second run on
-the same folder stops with one line instead of mixing its files with the first one's; a lock left by a process
-that no longer runs is taken over. ``overwrite_output_dir`` deletes only what a Trainer run wrote there: its
-``checkpoint-<step>`` folders (each holds a ``trainer_state.json``) and its results files, never a folder the user
-made, a symbolic link, or anything this run reads.
+A run holds its folder's lock (:mod:`hf_kd.locking`, as make-student and quickstart do) from the first check to the
+end, so a second run on the same folder stops with one line instead of mixing its files with the first one's; a lock
+left by a process that no longer runs is taken over. ``overwrite_output_dir`` deletes only what a Trainer run wrote
+there: its ``checkpoint-<step>`` folders (each holds a ``trainer_state.json``) and its results files, never a folder
+the user made, a symbolic link, or anything this run reads.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import os
 import re
 import shutil
-import socket
-import sys
-import time
+from collections.abc import Iterator
 from pathlib import Path
-from types import TracebackType
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hf_kd.errors import ConfigError, first_line
+from hf_kd.locking import LOCK_FILE, path_lock
 from hf_kd.saving import TEMP_PREFIX
 
 logger = logging.getLogger(__name__)
 
-LOCK_NAME = ".hf_kd_distill.lock"
 # What a run's save_metrics and prediction write; after overwrite_output_dir none of the replaced run's may be left
 # for the new run's all_results.json to merge with.
 RESULTS_FILES = (
@@ -125,31 +122,6 @@ def clear_replaced_run(output_dir: str, inputs: list[Path]) -> None:
 # ---- one run per folder --------------------------------------------------------------------------------------
 
 
-def _start_time(pid: int) -> str | None:
-    """The process's start time (clock ticks since boot) where /proc has it: a reused pid has another one."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _running(owner: dict) -> bool:
-    """Whether the process that wrote a lock still runs (a lock from another machine is taken to)."""
-    if owner.get("host") != socket.gethostname():
-        return True
-    pid = owner.get("pid")
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    started = owner.get("started")
-    return started is None or _start_time(pid) in (None, started)
-
-
 def _make_folder(folder: Path, key: str) -> list[Path]:
     """Create ``folder`` (and missing parents); the folders created, or a ConfigError saying why it cannot be."""
     if folder.is_symlink() and not folder.exists():
@@ -175,83 +147,24 @@ def _make_folder(folder: Path, key: str) -> list[Path]:
     return missing
 
 
-class OutputLock:
-    """``with OutputLock(folder, key):`` creates ``folder`` and holds ``folder/.hf_kd_distill.lock`` until the end.
+@contextlib.contextmanager
+def output_lock(folder: str | os.PathLike, key: str, active: bool = True) -> Iterator[None]:
+    """Create ``folder`` and hold its lock (:func:`hf_kd.locking.path_lock`, command ``hf-kd distill``) for the
+    body; at the end the lock goes, and the folders created here too when the run left them empty.
 
-    Another live process's lock is a ConfigError naming it; a dead one's is taken over. ``active=False`` (the
-    other processes of a multi-process run: the main one holds the lock for them) does nothing. At the end the
-    lock goes, and the folders created here too when the run left them empty.
+    ``active=False`` (the other processes of a multi-process run: the main one holds the lock for them) does
+    nothing. Another live run's lock is one line naming it (``key`` and the holder); a dead one's is taken over.
     """
-
-    def __init__(self, folder: str | os.PathLike, key: str, active: bool = True) -> None:
-        self.folder, self.key, self.active = Path(folder), key, active
-        self.path = self.folder / LOCK_NAME
-        self.created: list[Path] = []
-
-    def __enter__(self) -> OutputLock:
-        if not self.active:
-            return self
-        self.created = _make_folder(self.folder, self.key)
-        try:
-            self._take()
-        except BaseException:
-            self._remove_created()
-            raise
-        return self
-
-    def _take(self) -> None:
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": _start_time(os.getpid())}
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                owner = self._owner()
-                if owner and _running(owner):
-                    where = "" if owner.get("host") == me["host"] else f" on {owner.get('host')}"
-                    raise ConfigError(
-                        f"{self.key}={str(self.folder)!r} is in use by another hf-kd distill run (process "
-                        f"{owner.get('pid')}{where}); wait for it to end or choose another {self.key} (if no such "
-                        f"run is going on, delete {self.path})."
-                    ) from None
-                logger.warning("Taking over %s, left by process %s, which has ended.", self.path, owner.get("pid"))
-                self.path.unlink(missing_ok=True)
-                continue
-            except OSError as err:
-                raise ConfigError(
-                    f"{self.key}={str(self.folder)!r} cannot be written ({type(err).__name__}: {first_line(err)}); "
-                    "choose a folder you can write to."
-                ) from None
-            with os.fdopen(fd, "w") as file:
-                json.dump({**me, "command": " ".join(sys.argv)}, file)
-            return
-        raise ConfigError(f"{self.key}={str(self.folder)!r}: another run keeps taking its lock; try again.")
-
-    def _owner(self) -> dict | None:
-        """What the lock file says (None: no lock); a lock still unreadable after a moment is a dead run's."""
-        for wait in (0.0, 0.5):
-            time.sleep(wait)  # an unreadable lock may be being written this instant
-            try:
-                owner = json.loads(self.path.read_text(encoding="utf-8"))
-            except FileNotFoundError:
-                return None
-            except (OSError, ValueError):
-                continue
-            if isinstance(owner, dict):
-                return owner
-        return {}
-
-    def __exit__(
-        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        if not self.active:
-            return
-        owner = self._owner()
-        if owner is not None and owner.get("pid") == os.getpid():
-            self.path.unlink(missing_ok=True)
-        self._remove_created()
-
-    def _remove_created(self) -> None:
-        for path in self.created:
+    if not active:
+        yield
+        return
+    folder = Path(folder)
+    created = _make_folder(folder, key)
+    try:
+        with path_lock(folder / LOCK_FILE, "hf-kd distill", folder=f"{key}={str(folder)!r}"):
+            yield
+    finally:
+        for path in created:
             try:
                 path.rmdir()  # only when empty: the run wrote nothing there
             except OSError:

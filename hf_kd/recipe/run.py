@@ -46,7 +46,7 @@ from hf_kd.recipe.data import (
     tokenize_causal,
     tokenize_seq2seq,
 )
-from hf_kd.recipe.output import OutputLock, check_checkpoint_folders, clear_replaced_run
+from hf_kd.recipe.output import check_checkpoint_folders, clear_replaced_run, output_lock
 from hf_kd.saving import SAVE_ERRORS, SaveError, save_elsewhere
 from hf_kd.teachers.loading import has_vocabulary
 from hf_kd.trainer import DistillationTrainer
@@ -347,13 +347,13 @@ def run_recipe(
     """Distill, evaluate on the eval split (when there is one), predict on the test split (do_predict), save the
     student and its model card.
 
-    The folder written is locked for the run (:class:`hf_kd.recipe.output.OutputLock`; the main process holds it
+    The folder written is locked for the run (:func:`hf_kd.recipe.output.output_lock`; the main process holds it
     for all). Returns the train metrics merged with the eval and predict metrics.
     """
     check_paths(model_args, data_args, args)
     key = "save_tokenized_train" if data_args.save_tokenized_train else "output_dir"
     folder = data_args.save_tokenized_train or args.output_dir
-    with OutputLock(folder, key, active=args.process_index == 0):
+    with output_lock(folder, key, active=args.process_index == 0):
         check_output(model_args, data_args, args)
         return _run(model_args, data_args, args, task)
 

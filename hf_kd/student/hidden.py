@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hf_kd.losses import IGNORE_INDEX
-from hf_kd.student.make import CONFIG_ATTRIBUTE
+from hf_kd.student.make import CONFIG_ATTRIBUTE, maps_per_stack
 
 HIDDEN_LOSSES = ("mse", "cosine")
 PROJECTION_FILE = "hidden_projection.safetensors"
@@ -72,17 +72,7 @@ def parse_hidden_layer_map(
     if isinstance(layer_map, str):
         layer_map = json.loads(layer_map)
     student_depths, teacher_depths = stack_depths(student_config), stack_depths(teacher_config)
-    if not isinstance(layer_map, Mapping):
-        if "encoder" in student_depths:
-            raise ValueError(
-                'An encoder-decoder model needs a map per stack: {"encoder": [[s, t], ...], "decoder": ...}.'
-            )
-        layer_map = {"decoder": layer_map}
-    unknown = set(layer_map) - set(student_depths)
-    if unknown:
-        raise ValueError(
-            f"Unknown stack(s) {sorted(unknown)} in the hidden-state layer map; use {sorted(student_depths)}."
-        )
+    layer_map = maps_per_stack(layer_map, student_depths, "hidden-state layer map")
     parsed = {}
     for stack, pairs in layer_map.items():
         parsed[stack] = []

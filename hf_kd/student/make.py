@@ -8,6 +8,7 @@ import os
 import re
 import secrets
 import shutil
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,21 @@ def check_layer_map(layers: Any, teacher_layers: int, stack: str) -> list[int]:
     return layers
 
 
+def maps_per_stack(layer_map: Mapping[str, Any] | Sequence[Any], stacks: Collection[str], what: str) -> dict[str, Any]:
+    """``layer_map`` as ``{stack: map}``: a plain list is a causal model's decoder map; a stack the model lacks is
+    refused (``what`` names the map in the messages)."""
+    if not isinstance(layer_map, Mapping):
+        if "encoder" in stacks:
+            raise ValueError(
+                f'An encoder-decoder model needs a {what} per stack: {{"encoder": [...], "decoder": [...]}}.'
+            )
+        layer_map = {"decoder": list(layer_map)}
+    unknown = set(layer_map) - set(stacks)
+    if unknown:
+        raise ValueError(f"Unknown stack(s) {sorted(unknown)} in the {what}: the model has {sorted(stacks)}.")
+    return dict(layer_map)
+
+
 def resolve_layer_map(
     config: Any,
     encoder_layers: int | None = None,
@@ -156,18 +172,7 @@ def resolve_layer_map(
             f"encoder_layers={encoder_layers} but a {config.model_type} model has no encoder: use decoder_layers "
             "for the number of layers of a causal model."
         )
-    if isinstance(layer_map, (list, tuple)):
-        if "encoder" in stacks:
-            raise ValueError(
-                'An encoder-decoder teacher needs a layer map per stack: {"encoder": [...], "decoder": [...]}.'
-            )
-        layer_map = {"decoder": list(layer_map)}
-    layer_map = dict(layer_map or {})
-    unknown = set(layer_map) - set(stacks)
-    if unknown:
-        raise ValueError(
-            f"Unknown stack(s) {sorted(unknown)} in the layer map: a {config.model_type} model has {sorted(stacks)}."
-        )
+    layer_map = maps_per_stack(layer_map or {}, stacks, "layer map")
     resolved = {}
     for name, stack in stacks.items():
         teacher_count = int(getattr(config, stack.count_attribute))

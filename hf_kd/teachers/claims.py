@@ -1,14 +1,15 @@
 """Claim files: which process is writing a shard (or holds an output folder's lock), safe on a shared filesystem.
 
-A claim is a small JSON file (holder's pid, host, worker and a random token) made atomically: written under a
-private name, then hard-linked to the claim's name, which fails when the name exists (``link`` is atomic on local
-filesystems and on NFS, unlike ``O_EXCL`` on old NFS clients). Whoever made the link holds the claim until it
-unlinks it.
+A claim is a small JSON file (:func:`hf_kd.locking.holder_record`, the worker as its command, and a random token)
+made atomically: written under a private name, then hard-linked to the claim's name, which fails when the name exists
+(``link`` is atomic on local filesystems and on NFS, unlike ``O_EXCL`` on old NFS clients). Whoever made the link
+holds the claim until it unlinks it.
 
 A holder that died leaves its claim behind. A claim is *stale*, and may be taken over, when its holder ran on this
-host and its pid is gone, or, for another host, when the file was not touched for ``stale_after`` seconds (a holder
-touches its claims as it makes progress: :meth:`Claim.touch`). Taking over renames the stale file to a private name
-first, so that of two processes that both found it stale only one succeeds.
+host and its pid is gone or now another process's (:func:`hf_kd.locking.runs_here`), or, for another host, when the
+file was not touched for ``stale_after`` seconds (a holder touches its claims as it makes progress:
+:meth:`Claim.touch`). Taking over renames the stale file to a private name first, so that of two processes that both
+found it stale only one succeeds.
 """
 
 from __future__ import annotations
@@ -16,23 +17,14 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import socket
 import time
 from pathlib import Path
 from typing import Any
 
+from hf_kd.locking import holder_record, runs_here
+
 STALE_AFTER = 600.0  # seconds without a touch after which another host's claim counts as abandoned
 TOUCH_EVERY = 30.0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 class Claim:
@@ -41,7 +33,7 @@ class Claim:
     def __init__(self, path: Path, worker: str = "", stale_after: float = STALE_AFTER) -> None:
         self.path = Path(path)
         self.stale_after = stale_after
-        self.info = {"pid": os.getpid(), "host": socket.gethostname(), "worker": worker, "token": secrets.token_hex(8)}
+        self.info = {**holder_record(worker), "token": secrets.token_hex(8)}
         self.text = json.dumps(self.info)
         self.held = False
         self._touched = 0.0
@@ -78,9 +70,8 @@ class Claim:
             age = time.time() - self.path.stat().st_mtime
         except FileNotFoundError:
             return True
-        if info is not None and info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int):
-            return not _alive(info["pid"])
-        return age > self.stale_after
+        here = runs_here(info) if info is not None else None
+        return age > self.stale_after if here is None else not here
 
     def acquire(self) -> bool:
         """Take the claim if it is free or stale; False when a live holder has it."""
