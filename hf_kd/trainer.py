@@ -31,7 +31,6 @@ from hf_kd.card import (
     public_name,
 )
 from hf_kd.config import DistillationConfig
-from hf_kd.fsdp import drop_tied_copies
 from hf_kd.generation import generate_causal_targets, generate_seq2seq_targets
 from hf_kd.losses import (
     IGNORE_INDEX,
@@ -56,6 +55,7 @@ from hf_kd.teachers import (
 from hf_kd.teachers.cache import CACHE_COLUMNS
 from hf_kd.teachers.cross_tokenizer.source import check_cross_tokenizer, make_collator, realign
 from hf_kd.teachers.cross_tokenizer.vocabulary import VocabularyMap
+from hf_kd.teachers.fsdp import drop_tied_copies
 from hf_kd.teachers.live import check_shared_encoder
 from hf_kd.teachers.loading import (
     check_compatible,

@@ -8,7 +8,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "hf_kd"
 # Lowest first; a module may import from its own layer and the layers below it.
 LAYERS = [
-    {"version", "errors", "locking", "paths", "losses", "saving", "fsdp"},
+    {"version", "errors", "locking", "paths", "losses", "saving"},
     {"data", "metrics", "generation", "student", "teachers", "evaluate_metrics"},
     {"config", "card"},
     {"trainer"},

@@ -14,7 +14,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 from hf_kd.errors import ConfigError, TokenizerMismatchError, check_source_path, first_line
-from hf_kd.fsdp import shard_teacher
+from hf_kd.teachers.fsdp import shard_teacher
 from hf_kd.teachers.placement import (
     check_engine,
     check_offload,
