@@ -459,8 +459,8 @@ def _train_teacher(settings: Settings, data: Any, path: Path) -> tuple[Any, Any,
 class ValidationCurve(TrainerCallback):
     """Validation cross-entropy at step 0 and ``num_points`` evenly spaced steps, the same way for both students.
 
-    (The Trainer's own ``eval_loss`` would not do: for causal LMs it divides by the unshifted label count, and
-    the distillation trainer's is the distillation loss.)
+    (A plain Trainer's ``eval_loss`` would not do for the CE students: for causal LMs it divides by the unshifted
+    label count. One callback measures every student the same way.)
     """
 
     def __init__(self, dataset: Any, data_collator: Any, steps: int, num_points: int) -> None:
