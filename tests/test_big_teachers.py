@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from accelerate.utils import DistributedType
-from conftest import make_tokenizer, random_sentences, tiny_bart
+from conftest import random_sentences, tiny_bart
 from datasets import Dataset
 from helpers import config, one_line_error, run_cli, seq2seq_collator, seq2seq_dataset
 from recipe_helpers import write_json_rows
@@ -30,11 +30,6 @@ needs_torchao = pytest.mark.skipif(not HAS_TORCHAO, reason="torchao is not insta
 SHARD_SIZE = "3"
 # The tiny BART below is about 190 KB in float32: 60 KB of CPU leaves the encoder and decoder layers for the disk.
 SMALL = "60KB"
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import make_tokenizer, random_sentences, tiny_gpt2
+from conftest import random_sentences, tiny_gpt2
 from datasets import Dataset, DatasetDict
 from helpers import one_line_error, run_cli
 from recipe_helpers import write_data
@@ -20,11 +20,6 @@ from hf_kd.teachers.cache import CachedTeacher
 from hf_kd.teachers.cache_writer import build_teacher_cache
 
 SHARD_SIZE = "3"  # 7 rows: shards 0, 1, 2
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
 
 
 @pytest.fixture(scope="module")

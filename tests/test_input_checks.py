@@ -15,11 +15,6 @@ from hf_kd.cli import main
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
-
-
-@pytest.fixture(scope="module")
 def files(tmp_path_factory, tok) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("inputs")
     tiny_gpt2(len(tok), seed=7).save_pretrained(root / "teacher")  # 64 positions
