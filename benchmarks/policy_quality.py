@@ -60,23 +60,8 @@ OTHER_VOCAB = 4096
 
 def training_args(output_dir: Path, settings: Any, steps: int, lr: float, **extra: Any) -> DistillationConfig:
     """The quickstart's schedule (cosine, 5% warm-up, no weight decay), without evaluation during training."""
-    return DistillationConfig(
-        output_dir=str(output_dir),
-        max_steps=steps,
-        per_device_train_batch_size=settings.batch_size,
-        learning_rate=lr,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, steps // 20),
-        weight_decay=0.0,
-        logging_steps=max(1, steps // 8),
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=settings.seed,
-        data_seed=settings.seed,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        **extra,
+    return qs.training_args(
+        output_dir, settings, steps, lr, logging_steps=max(1, steps // 8), disable_tqdm=True, **extra
     )
 
 

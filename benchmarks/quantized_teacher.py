@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from hf_kd import DistillationConfig, DistillationTrainer  # noqa: E402
+from hf_kd import DistillationTrainer  # noqa: E402
 from hf_kd import quickstart as qs  # noqa: E402
 from hf_kd.losses import IGNORE_INDEX  # noqa: E402
 from hf_kd.metrics import perplexity  # noqa: E402
@@ -136,26 +136,10 @@ def build_cache(teacher_dir: str, train_dir: Path, output: Path, quantization: s
 
 def train_student(cache: Path, train: Any, tokenizer: Any, settings: Any, work: Path, steps: int) -> Any:
     student = qs.build_model(tokenizer, settings.student_layers, settings.student_width, settings, settings.seed, "t5")
-    args = DistillationConfig(
-        output_dir=str(work / f"student_{cache.name}"),
-        max_steps=steps,
-        per_device_train_batch_size=settings.batch_size,
-        learning_rate=STUDENT_LR,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, steps // 20),
-        weight_decay=0.0,
-        logging_steps=max(1, steps // 4),
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=settings.seed,
-        data_seed=settings.seed,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        loss="forward_kl",
-        temperature=1.0,
-        alpha=0.0,
-    )
+    args = qs.training_args(
+        work / f"student_{cache.name}", settings, steps, STUDENT_LR, logging_steps=max(1, steps // 4),
+        disable_tqdm=True, loss="forward_kl", temperature=1.0, alpha=0.0,
+    )  # fmt: skip
     trainer = DistillationTrainer(
         model=student,
         teacher_cache=str(cache),

@@ -53,7 +53,7 @@ import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast, Trainer  # noqa: E402
 
-from hf_kd import DistillationConfig, DistillationTrainer, make_student  # noqa: E402
+from hf_kd import DistillationTrainer, make_student  # noqa: E402
 from hf_kd import quickstart as qs  # noqa: E402
 from hf_kd.losses import IGNORE_INDEX  # noqa: E402
 from hf_kd.metrics import cross_entropy_sum, perplexity  # noqa: E402
@@ -103,26 +103,12 @@ SMOKE_PLAN = Plan(
 # ---- shared setup ------------------------------------------------------------------------------------------
 
 
-def training_args(output_dir: Path, batch_size: int, steps: int, lr: float, seed: int, **extra: Any) -> Any:
-    """The quickstart's schedule (cosine, 5% warm-up, no weight decay), no evaluation during training."""
-    return DistillationConfig(
-        output_dir=str(output_dir),
-        max_steps=steps,
-        per_device_train_batch_size=batch_size,
-        learning_rate=lr,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, steps // 20),
-        weight_decay=0.0,
-        logging_steps=max(1, steps // 4),
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=seed,
-        data_seed=seed,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
+def training_args(output_dir: Path, settings: Any, steps: int, lr: float, seed: int, **extra: Any) -> Any:
+    """The quickstart's schedule (cosine, 5% warm-up, no weight decay) at ``seed``, no evaluation during training."""
+    return qs.training_args(
+        output_dir, settings, steps, lr, seed=seed, data_seed=seed, logging_steps=max(1, steps // 4), disable_tqdm=True,
         **extra,
-    )
+    )  # fmt: skip
 
 
 class Context:
@@ -146,7 +132,7 @@ class Context:
         return self._memo[key]
 
     def args(self, row: str, seed: int, steps: int, lr: float, **extra: Any) -> Any:
-        return training_args(self.work / f"{row}_seed{seed}", self.settings.batch_size, steps, lr, seed, **extra)
+        return training_args(self.work / f"{row}_seed{seed}", self.settings, steps, lr, seed, **extra)
 
     def scratch_student(self, seed: int, tokenizer: Any = None) -> Any:
         s = self.settings
@@ -408,7 +394,7 @@ def gpt2_teacher(ctx: Context) -> dict[str, Any]:
         block = s.source_length + s.target_length
         causal = dataclasses.replace(s, task="lm", block_size=block)
         model = qs.build_model(tokenizer, s.teacher_layers, s.teacher_width, causal, s.seed + 1)
-        args = training_args(folder.with_suffix(".run"), s.batch_size, plan.gpt2_steps, plan.gpt2_lr, s.seed)
+        args = training_args(folder.with_suffix(".run"), s, plan.gpt2_steps, plan.gpt2_lr, s.seed)
         train = causal_rows(ctx.data["train"], tokenizer, s)
         Trainer(model=model, args=args, train_dataset=train, data_collator=qs.collator(tokenizer)).train()
         seconds = time.perf_counter() - start

@@ -380,9 +380,11 @@ def architecture(model: Any) -> str:
 
 
 def training_args(output_dir: Path, settings: Settings, steps: int, lr: float, **extra: Any) -> Any:
+    """The quickstart's schedule (cosine, 5% warm-up, no weight decay); ``extra`` adds fields or replaces these
+    (the benchmarks log on their own cadence, without a progress bar)."""
     from hf_kd.config import DistillationConfig
 
-    return DistillationConfig(
+    fields = dict(
         output_dir=str(output_dir),
         max_steps=steps,
         per_device_train_batch_size=settings.batch_size,
@@ -399,8 +401,8 @@ def training_args(output_dir: Path, settings: Settings, steps: int, lr: float, *
         data_seed=settings.seed,
         dataloader_num_workers=0,
         disable_tqdm=False,
-        **extra,
     )
+    return DistillationConfig(**{**fields, **extra})
 
 
 def train_teacher(settings: Settings, data: Any, cache_dir: Path) -> tuple[Any, Any, float, bool]:

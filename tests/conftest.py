@@ -51,6 +51,12 @@ def tokenizer() -> PreTrainedTokenizerFast:
     return make_tokenizer()
 
 
+@pytest.fixture(scope="module")
+def tok() -> PreTrainedTokenizerFast:
+    """One tokenizer per test module, for the modules' own module-scoped fixtures (saved teachers, data sets)."""
+    return make_tokenizer()
+
+
 def tiny_gpt2(vocab_size: int, seed: int = 0, n_layer: int = 2, n_embd: int = 32, dropout: float = 0.0):
     torch.manual_seed(seed)
     config = GPT2Config(

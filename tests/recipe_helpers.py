@@ -7,6 +7,8 @@ from pathlib import Path
 
 from conftest import make_tokenizer, random_sentences, tiny_bart, tiny_gpt2, tiny_t5
 
+from hf_kd.cli import main
+
 FAMILIES = ("bart", "t5", "gpt2")
 
 
@@ -111,3 +113,10 @@ def tiny_overrides(config: dict, models: dict[str, dict[str, str]], data_dir: Pa
     elif config.get("student_config"):
         overrides["student_config"] = models[family]["student"]
     return overrides
+
+
+def run_distill(capsys, config: str, *overrides: str) -> tuple[int, str, str]:
+    """`hf-kd distill --config CONFIG OVERRIDES` in this process: its exit status, stdout and stderr."""
+    code = main(["distill", "--config", config, *overrides])
+    out, err = capsys.readouterr()
+    return code, out, err

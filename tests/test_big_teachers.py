@@ -12,15 +12,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 from accelerate.utils import DistributedType
-from conftest import make_tokenizer, random_sentences, tiny_bart
+from conftest import random_sentences, tiny_bart
 from datasets import Dataset
-from helpers import config, seq2seq_collator, seq2seq_dataset
+from helpers import config, one_line_error, run_cli, seq2seq_collator, seq2seq_dataset
 from recipe_helpers import write_json_rows
 from torch import nn
 from transformers import AutoModelForSeq2SeqLM
 
 from hf_kd import DistillationTrainer
-from hf_kd.cli import main
 from hf_kd.errors import ConfigError
 from hf_kd.teachers import placement
 from hf_kd.teachers.loading import load_teacher, prepare_teacher
@@ -31,11 +30,6 @@ needs_torchao = pytest.mark.skipif(not HAS_TORCHAO, reason="torchao is not insta
 SHARD_SIZE = "3"
 # The tiny BART below is about 190 KB in float32: 60 KB of CPU leaves the encoder and decoder layers for the disk.
 SMALL = "60KB"
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -58,25 +52,6 @@ def files(tmp_path_factory, tok) -> dict[str, Path]:
     Dataset.from_dict({"source": sources, "target": targets}).save_to_disk(str(root / "text"))
     write_json_rows(root / "val.jsonl", [{"doc": s, "sum": t} for s, t in zip(sources, targets, strict=True)])
     return {"root": root, **{name: root / name for name in ("teacher", "student", "tokenised", "text", "val.jsonl")}}
-
-
-def run_cli(capsys, argv: list[str]) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exit_info:
-        code = exit_info.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def one_line_error(capsys, argv: list[str], *words: str) -> str:
-    code, out, err = run_cli(capsys, argv)
-    assert code == 2, (code, out, err)
-    assert "Traceback" not in out + err, err
-    errors = [line for line in err.splitlines() if "error:" in line]
-    assert len(errors) == 1 and errors[0].startswith(f"hf-kd {argv[0]}: error: ") and "; " in errors[0], err
-    assert all(word in errors[0] for word in words), errors[0]
-    return errors[0]
 
 
 def tree(folder: Path) -> dict[str, bytes]:

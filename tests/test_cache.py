@@ -149,11 +149,6 @@ def test_sparse_refuses_misaligned_rows() -> None:
 # ---- building the cache -------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
-
-
 def _causal_rows(tok, n: int = 11) -> Dataset:
     rows = []
     for i, text in enumerate(random_sentences(n, seed=3, min_len=4, max_len=12)):

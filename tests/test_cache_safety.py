@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import make_tokenizer, random_sentences, tiny_gpt2
+from conftest import random_sentences, tiny_gpt2
 from datasets import Dataset, DatasetDict
+from helpers import one_line_error, run_cli
 from recipe_helpers import write_data
 
 from hf_kd.cli import main
@@ -19,11 +20,6 @@ from hf_kd.teachers.cache import CachedTeacher
 from hf_kd.teachers.cache_writer import build_teacher_cache
 
 SHARD_SIZE = "3"  # 7 rows: shards 0, 1, 2
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -57,26 +53,6 @@ def label_argv(files: dict[str, Path], output: Path, *extra: str) -> list[str]:
 
 
 ARGV = {"cache-teacher": cache_argv, "pseudo-label": label_argv}
-
-
-def run_cli(capsys, argv: list[str]) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exit_info:  # argparse's own exits
-        code = exit_info.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def one_line_error(capsys, argv: list[str], *words: str) -> str:
-    """Exit status 2, no traceback, and one `hf-kd <command>: error: <what>; <fix>` line holding ``words``."""
-    code, out, err = run_cli(capsys, argv)
-    assert code == 2, (code, out, err)
-    assert "Traceback" not in out + err, err
-    errors = [line for line in err.splitlines() if "error:" in line]
-    assert len(errors) == 1 and errors[0].startswith(f"hf-kd {argv[0]}: error: ") and "; " in errors[0], err
-    assert all(word in errors[0] for word in words), errors[0]
-    return errors[0]
 
 
 def tree(folder: Path) -> dict[str, bytes]:

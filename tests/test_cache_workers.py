@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import make_tokenizer, random_sentences, tiny_gpt2
 from datasets import Dataset
+from helpers import run_cli
 
 from hf_kd.cli import main
 from hf_kd.errors import ConfigError
@@ -51,15 +52,6 @@ def argv(command: str, files: dict[str, Path], output: Path, *extra: str) -> lis
     return ["pseudo-label", "--teacher", str(files["teacher"]), "--dataset", str(files["text"]), "--output",
             str(output), "--source-column", "source", "--max-new-tokens", "3", "--shard-size", "2", "--device", "cpu",
             *extra]  # fmt: skip
-
-
-def run_cli(capsys, args: list[str]) -> tuple[int, str, str]:
-    try:
-        code = main(args)
-    except SystemExit as exit_info:
-        code = exit_info.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def one_line_error(capsys, args: list[str], *words: str) -> str:

@@ -12,12 +12,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import WORDS, make_tokenizer, tiny_gpt2
+from helpers import run_cli
 from recipe_helpers import save_tiny_models, write_data
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_kd import DistillationConfig, DistillationTrainer
-from hf_kd.cli import build_parser, main
+from hf_kd.cli import build_parser
 from hf_kd.teachers.loading import has_vocabulary, load_teacher
 
 COMMANDS = ("distill", "evaluate", "quickstart", "make-student", "cache-teacher", "pseudo-label")
@@ -45,15 +46,6 @@ def without_tokenizer(source: str, target: Path) -> str:
 def subcommands() -> dict[str, argparse.ArgumentParser]:
     action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     return dict(action.choices)
-
-
-def run_cli(capsys, argv: list[str]) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exit_info:  # argparse's own exits (--help, usage errors)
-        code = exit_info.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def one_line_error(capsys, argv: list[str], *words: str) -> str:

@@ -15,22 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_tokenizer, random_sentences, tiny_gpt2
+from helpers import one_line_error
 from recipe_helpers import write_json_rows
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_kd.cli import main
 from hf_kd.locking import LOCK_FILE, FolderInUseError, folder_lock, sibling_lock
-
-
-def one_line_error(capsys, argv: list[str], *words: str) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if "error:" in line]
-    assert len(lines) == 1 and lines[0].startswith(f"hf-kd {argv[0]}: error: ") and "; " in lines[0], err
-    assert all(word in lines[0] for word in words), lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_tokenizer, tiny_gpt2
-from helpers import config, lm_collator, lm_dataset
-from safetensors import safe_open
+from helpers import assert_saved_like_a_fresh_student, config, lm_collator, lm_dataset
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -93,12 +92,7 @@ def test_zero3_teacher_is_sharded_and_frozen(runs, mode):
 @pytest.mark.parametrize("mode", ["recipe", "optimizer"])
 def test_zero3_saves_the_student_alone_and_matches_a_plain_run(runs, reference, mode, tmp_path):
     saved = runs / mode / "saved"
-    fresh = tmp_path / "fresh"
-    tiny_gpt2(len(make_tokenizer()), seed=1).save_pretrained(fresh)
-    with safe_open(str(saved / "model.safetensors"), "pt") as f, safe_open(str(fresh / "model.safetensors"), "pt") as g:
-        assert sorted(f.keys()) == sorted(g.keys())  # the student's tensors, no teacher's
-        for key in f.keys():
-            assert f.get_slice(key).get_shape() == g.get_slice(key).get_shape(), key
+    assert_saved_like_a_fresh_student(saved, tmp_path / "fresh")
 
     reloaded = dict(AutoModelForCausalLM.from_pretrained(saved).named_parameters())
     trained = load_file(str(runs / mode / "trained.safetensors"))

@@ -18,11 +18,10 @@ import pytest
 import torch
 import yaml
 from conftest import random_sentences
-from recipe_helpers import save_tiny_models, write_json_rows
+from recipe_helpers import run_distill, save_tiny_models, write_json_rows
 from safetensors.torch import load_file
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-from hf_kd.cli import main
 from hf_kd.errors import ConfigError
 from hf_kd.locking import LOCK_FILE, folder_lock
 from hf_kd.recipe.args import DataArguments, parse_recipe_config
@@ -87,12 +86,6 @@ def _config(
     return str(path), out
 
 
-def _distill(capsys, config: str, *overrides: str) -> tuple[int, str, str]:
-    code = main(["distill", "--config", config, *overrides])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def _one_line_error(code: int, out: str, err: str, *words: str) -> str:
     assert code == 2, err
     assert "Traceback" not in out + err
@@ -152,7 +145,7 @@ def test_the_summarization_example_s_columns_train_and_every_split_is_accounted_
         rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
         renamed[split] = write_json_rows(Path(path), [{"body": r["document"], "abstract": r["summary"]} for r in rows])
     caplog.set_level(logging.INFO, logger="hf_kd")
-    code, stdout, stderr = _distill(capsys, config, "--text_column", "body", "--summary_column", "abstract")
+    code, stdout, stderr = run_distill(capsys, config, "--text_column", "body", "--summary_column", "abstract")
     assert code == 0, stderr
     assert (out / "model.safetensors").is_file()
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Data: split")]
@@ -170,7 +163,7 @@ def test_do_predict_predicts_on_the_test_split_as_run_summarization_does(models,
     config, out = _config(
         models, tmp_path, splits={"train": 16, "validation": 4, "test": 5}, predict_with_generate=True
     )
-    code, _, stderr = _distill(capsys, config, "--do_predict", "true", "--max_predict_samples", "3")
+    code, _, stderr = run_distill(capsys, config, "--do_predict", "true", "--max_predict_samples", "3")
     assert code == 0, stderr
 
     predict = json.loads((out / "predict_results.json").read_text())
@@ -195,7 +188,7 @@ def test_do_predict_predicts_on_the_test_split_as_run_summarization_does(models,
 
 def test_do_predict_without_a_test_split_is_refused_before_anything_runs(models, tmp_path, capsys):
     config, out = _config(models, tmp_path)
-    code, stdout, stderr = _distill(capsys, config, "--do_predict", "true")
+    code, stdout, stderr = run_distill(capsys, config, "--do_predict", "true")
     _one_line_error(code, stdout, stderr, "do_predict", "test_split='test'", "['train', 'validation']")
     assert not out.exists()
 
@@ -233,7 +226,7 @@ def test_overwrite_keeps_what_no_run_wrote_and_no_old_results(models, tmp_path, 
     config, out = _config(
         models, tmp_path, splits={"train": 16, "validation": 4, "test": 2}, save_strategy="steps", save_steps=1
     )
-    assert _distill(capsys, config, "--do_predict", "true")[0] == 0
+    assert run_distill(capsys, config, "--do_predict", "true")[0] == 0
     assert {"predict_results.json", "eval_results.json", "checkpoint-2"} <= {p.name for p in out.iterdir()}
     # What the user put there: a copy of a checkpoint under another name, a notes file, a link to another disk.
     (out / "checkpoint-best").mkdir()
@@ -248,12 +241,12 @@ def test_overwrite_keeps_what_no_run_wrote_and_no_old_results(models, tmp_path, 
 
     # save_total_limit would let the Trainer delete checkpoint-best: refused, nothing touched.
     before = _digest(out)
-    code, stdout, stderr = _distill(capsys, config, "--overwrite_output_dir", "true", "--save_total_limit", "1")
+    code, stdout, stderr = run_distill(capsys, config, "--overwrite_output_dir", "true", "--save_total_limit", "1")
     _one_line_error(code, stdout, stderr, "checkpoint-best", "save_total_limit=1")
     assert _digest(out) == before
 
     # A new run without evaluation or prediction: nothing of the replaced run's results is left to merge.
-    code, _, stderr = _distill(capsys, config, "--overwrite_output_dir", "true", "--max_steps", "1",
+    code, _, stderr = run_distill(capsys, config, "--overwrite_output_dir", "true", "--max_steps", "1",
                                "--eval_split", "null")  # fmt: skip
     assert code == 0, stderr
     assert {name: _digest(out / name) for name in kept} == kept
@@ -268,17 +261,17 @@ def test_overwrite_keeps_what_no_run_wrote_and_no_old_results(models, tmp_path, 
 
 def test_overwrite_never_deletes_the_checkpoint_the_run_starts_from(models, tmp_path, capsys):
     config, out = _config(models, tmp_path, save_strategy="steps", save_steps=1)
-    assert _distill(capsys, config)[0] == 0
+    assert run_distill(capsys, config)[0] == 0
     start = out / "checkpoint-2"
     before = _digest(start)
     restart = ["--student_model_name_or_path", str(start), "--overwrite_output_dir", "true"]
 
     # Saving checkpoints would write over it: refused.
-    code, stdout, stderr = _distill(capsys, config, *restart)
+    code, stdout, stderr = run_distill(capsys, config, *restart)
     _one_line_error(code, stdout, stderr, "student_model_name_or_path", "checkpoint-2", "copy it out")
     assert _digest(start) == before
 
-    code, _, stderr = _distill(capsys, config, *restart, "--save_strategy", "no")
+    code, _, stderr = run_distill(capsys, config, *restart, "--save_strategy", "no")
     assert code == 0, stderr
     assert _digest(start) == before
     assert not (out / "checkpoint-1").exists()  # the replaced run's other checkpoint went
@@ -289,7 +282,7 @@ def test_overwrite_never_deletes_the_checkpoint_the_run_starts_from(models, tmp_
 
 def test_a_failed_save_keeps_the_old_files_and_saves_the_student_elsewhere(models, tmp_path, capsys, monkeypatch):
     config, out = _config(models, tmp_path, save_strategy="steps", save_steps=2)
-    assert _distill(capsys, config)[0] == 0
+    assert run_distill(capsys, config)[0] == 0
     old = {name: _digest(out)[name] for name in ("model.safetensors", "config.json", "tokenizer.json")}
     fallback_root = tmp_path / "tmp"
     fallback_root.mkdir()
@@ -307,7 +300,7 @@ def test_a_failed_save_keeps_the_old_files_and_saves_the_student_elsewhere(model
         return write(tensors, filename, *args, **kwargs)
 
     monkeypatch.setattr(modeling_utils, "safe_save_file", disk_full_in_output_dir)
-    code, stdout, stderr = _distill(capsys, config, "--overwrite_output_dir", "true", "--learning_rate", "0.05")
+    code, stdout, stderr = run_distill(capsys, config, "--overwrite_output_dir", "true", "--learning_rate", "0.05")
     line = _one_line_error(code, stdout, stderr, "cannot save the student", "No space left", "as before")
     assert {name: _digest(out)[name] for name in old} == old  # the previous student is intact
     assert not list(out.glob(".hf_kd_saving-*")) and not (out / LOCK_FILE).exists()
@@ -357,7 +350,7 @@ sys.exit(main(["distill", "--config", sys.argv[1], "--overwrite_output_dir", "tr
 @pytest.mark.slow
 def test_a_file_size_limit_while_saving_leaves_the_previous_student_intact(models, tmp_path, capsys):
     config, out = _config(models, tmp_path)
-    assert _distill(capsys, config)[0] == 0
+    assert run_distill(capsys, config)[0] == 0
     before = _digest(out)
     assert (out / "model.safetensors").stat().st_size > 60_000
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -423,7 +416,7 @@ def test_a_bad_path_is_one_line(models, tmp_path, capsys, case, words):
         "config_is_a_folder": str(tmp_path),
         "config_under_a_file": str(a_file / "recipe.yaml"),
     }.get(case, config)
-    code, stdout, stderr = _distill(capsys, config, *[t for kv in overrides.items() for t in kv])
+    code, stdout, stderr = run_distill(capsys, config, *[t for kv in overrides.items() for t in kv])
     _one_line_error(code, stdout, stderr, *words)
     assert not out.exists() and a_file.read_text() == "x"
 
@@ -433,7 +426,7 @@ def test_symbolic_links_to_real_folders_work(models, tmp_path, capsys):
     (tmp_path / "student-link").symlink_to(models["t5"]["student"])
     (tmp_path / "real-out").mkdir()
     (tmp_path / "out-link").symlink_to(tmp_path / "real-out")
-    code, _, stderr = _distill(capsys, config, "--student_model_name_or_path", str(tmp_path / "student-link"),
+    code, _, stderr = run_distill(capsys, config, "--student_model_name_or_path", str(tmp_path / "student-link"),
                                "--output_dir", str(tmp_path / "out-link"))  # fmt: skip
     assert code == 0, stderr
     assert (tmp_path / "real-out" / "model.safetensors").is_file()
@@ -447,7 +440,7 @@ def test_an_output_dir_that_cannot_be_written_is_one_line(models, tmp_path, caps
     locked.mkdir()
     locked.chmod(0o500)
     try:
-        code, stdout, stderr = _distill(capsys, config, "--output_dir", str(locked / "out"))
+        code, stdout, stderr = run_distill(capsys, config, "--output_dir", str(locked / "out"))
     finally:
         locked.chmod(0o700)
     _one_line_error(code, stdout, stderr, "output_dir", "cannot be created", "PermissionError")
@@ -461,7 +454,7 @@ def test_a_live_run_s_lock_refuses_a_second_run_and_a_dead_one_s_is_taken_over(m
     out.mkdir()
     lock = out / LOCK_FILE
     with folder_lock(out, "hf-kd distill"):  # held by a live process (this one, through another open file)
-        code, stdout, stderr = _distill(capsys, config)
+        code, stdout, stderr = run_distill(capsys, config)
         _one_line_error(code, stdout, stderr, "output_dir", "in use by hf-kd distill", f"pid {os.getpid()}")
         assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # nothing written, the lock left to its owner
 
@@ -469,7 +462,7 @@ def test_a_live_run_s_lock_refuses_a_second_run_and_a_dead_one_s_is_taken_over(m
     # pid would: the unheld flock, not the pid, says the run has ended).
     ended = {"pid": os.getpid(), "host": socket.gethostname(), "command": "hf-kd distill", "started": "earlier"}
     lock.write_text(json.dumps(ended))
-    code, _, stderr = _distill(capsys, config)
+    code, _, stderr = run_distill(capsys, config)
     assert code == 0, stderr
     assert f"was left by hf-kd distill (pid {os.getpid()}" in stderr and "taking it over" in stderr
     assert (out / "model.safetensors").is_file() and not lock.exists()
@@ -487,7 +480,7 @@ def test_two_runs_on_one_output_dir_at_once(models, tmp_path, capsys):
         while not (out / LOCK_FILE).exists() and time.monotonic() < deadline:
             time.sleep(0.2)
         assert (out / LOCK_FILE).exists()
-        code, stdout, stderr = _distill(capsys, config, "--overwrite_output_dir", "true")
+        code, stdout, stderr = run_distill(capsys, config, "--overwrite_output_dir", "true")
         _one_line_error(code, stdout, stderr, "output_dir", "in use by hf-kd distill", f"pid {first.pid}")
         assert first.poll() is None  # still training
     finally:
@@ -495,7 +488,7 @@ def test_two_runs_on_one_output_dir_at_once(models, tmp_path, capsys):
         first.wait()
     # Killed: its lock is left behind, and the next run takes it over.
     assert (out / LOCK_FILE).exists()
-    code, _, stderr = _distill(capsys, config, "--overwrite_output_dir", "true", "--max_steps", "1")
+    code, _, stderr = run_distill(capsys, config, "--overwrite_output_dir", "true", "--max_steps", "1")
     assert code == 0, stderr
     assert f"was left by hf-kd distill (pid {first.pid}" in stderr and "taking it over" in stderr
     assert not (out / LOCK_FILE).exists()

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tokenizer, tiny_gpt2
-from safetensors import safe_open
+from helpers import assert_saved_like_a_fresh_student
 from safetensors.torch import load_file
 from test_recipes import accelerate_setup
 from transformers import AutoModelForCausalLM
@@ -82,12 +81,7 @@ def test_fsdp_shards_the_student_and_the_frozen_teacher(runs, mode):
 @pytest.mark.parametrize("mode", ["fsdp", "recipe"])
 def test_fsdp_saves_the_student_whole_and_matches_ddp(runs, mode, tmp_path):
     saved = runs / mode / "saved"
-    fresh = tmp_path / "fresh"
-    tiny_gpt2(len(make_tokenizer()), seed=1).save_pretrained(fresh)
-    with safe_open(str(saved / "model.safetensors"), "pt") as f, safe_open(str(fresh / "model.safetensors"), "pt") as g:
-        assert sorted(f.keys()) == sorted(g.keys())  # the student's tensors, whole, and no teacher's
-        for key in f.keys():
-            assert f.get_slice(key).get_shape() == g.get_slice(key).get_shape(), key
+    assert_saved_like_a_fresh_student(saved, tmp_path / "fresh")
 
     reloaded = dict(AutoModelForCausalLM.from_pretrained(saved).named_parameters())
     trained = load_file(str(runs / mode / "trained.safetensors"))

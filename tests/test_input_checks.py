@@ -9,13 +9,9 @@ from pathlib import Path
 import pytest
 from conftest import WORDS, make_tokenizer, random_sentences, tiny_bart, tiny_gpt2
 from datasets import Dataset
+from helpers import one_line_error
 
 from hf_kd.cli import main
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -52,17 +48,6 @@ def label(files, out: Path, *extra: str, dataset: str = "text", teacher: str = "
     return ["pseudo-label", "--teacher", str(files[teacher]), "--dataset", str(files.get(dataset, dataset)),
             "--output", str(out), "--source-column", "source", "--max-new-tokens", "3", "--device", "cpu",
             *extra]  # fmt: skip
-
-
-def one_line_error(capsys, argv: list[str], *words: str) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if "error:" in line]
-    assert len(lines) == 1 and lines[0].startswith(f"hf-kd {argv[0]}: error: ") and "; " in lines[0], err
-    assert all(word in lines[0] for word in words), lines[0]
-    return lines[0]
 
 
 # ---- b: --tokenizer compared with the teacher's own --------------------------------------------------------------

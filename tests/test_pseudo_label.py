@@ -7,16 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tokenizer, random_sentences, tiny_gpt2, tiny_t5
+from conftest import random_sentences, tiny_gpt2, tiny_t5
 from datasets import Dataset, load_from_disk
 from rouge_score import rouge_scorer
 
 from hf_kd.teachers.pseudo_label import assemble, generate_pseudo_labels, word_error_rate
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
 
 
 def _data(n: int = 10) -> Dataset:

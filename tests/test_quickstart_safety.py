@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 from conftest import make_tokenizer, tiny_gpt2
+from helpers import one_line_error
 
 from hf_kd import quickstart
-from hf_kd.cli import build_parser, main
+from hf_kd.cli import build_parser
 from hf_kd.data import cache_path
 from hf_kd.locking import LOCK_FILE, folder_lock
 from hf_kd.quickstart_files import MARKER, claim_output_dir, planned_outputs
@@ -24,17 +25,6 @@ def argv(out: Path, cache: Path, *extra: str) -> list[str]:
 
 def settings_of(out: Path, cache: Path, *extra: str) -> quickstart.Settings:
     return quickstart._settings_from_args(build_parser().parse_args(argv(out, cache, *extra)))
-
-
-def one_line_error(capsys, args: list[str], *words: str) -> str:
-    code = main(args)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if "error:" in line]
-    assert len(lines) == 1 and lines[0].startswith("hf-kd quickstart: error: ") and "; " in lines[0], err
-    assert all(word in lines[0] for word in words), lines[0]
-    return lines[0]
 
 
 def tree(folder: Path) -> dict[str, bytes]:

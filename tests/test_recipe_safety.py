@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 from datasets import Dataset
-from recipe_helpers import save_tiny_models, tiny_overrides, write_data, write_json_rows
+from recipe_helpers import run_distill, save_tiny_models, tiny_overrides, write_data, write_json_rows
 from safetensors.torch import load_file
 
 from hf_kd.cli import main
@@ -53,12 +53,6 @@ def _t5_config(models, tmp_path: Path, **changes) -> tuple[str, Path]:
     return str(path), output_dir
 
 
-def _distill(capsys, config: str, *overrides: str) -> tuple[int, str, str]:
-    code = main(["distill", "--config", config, *overrides])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def _assert_one_line_error(code: int, out: str, err: str, command: str, *words: str) -> None:
     assert code == 2
     assert "Traceback" not in out + err
@@ -81,20 +75,20 @@ def _digest(folder: Path) -> dict[str, str]:
 
 def test_distill_refuses_a_finished_run_unless_asked_to_resume_or_overwrite(models, tmp_path, capsys):
     config, out = _t5_config(models, tmp_path)
-    assert _distill(capsys, config)[0] == 0
+    assert run_distill(capsys, config)[0] == 0
     before = _digest(out)
 
-    code, stdout, stderr = _distill(capsys, config, "--learning_rate", "0.5")
+    code, stdout, stderr = run_distill(capsys, config, "--learning_rate", "0.5")
     _assert_one_line_error(code, stdout, stderr, "distill", "output_dir", "not empty", "--overwrite_output_dir true",
                            "--resume_from_checkpoint true")  # fmt: skip
     assert _digest(out) == before  # model, results, card and checkpoints untouched
 
-    assert _distill(capsys, config, "--resume_from_checkpoint", "true", "--max_steps", "3")[0] == 0
+    assert run_distill(capsys, config, "--resume_from_checkpoint", "true", "--max_steps", "3")[0] == 0
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] >= 3  # continued, not restarted
 
     (out / "checkpoint-9").mkdir()  # a checkpoint of the run being replaced (the Trainer's: with its state)
     shutil.copy(out / "trainer_state.json", out / "checkpoint-9" / "trainer_state.json")
-    assert _distill(capsys, config, "--overwrite_output_dir", "true", "--max_steps", "1")[0] == 0
+    assert run_distill(capsys, config, "--overwrite_output_dir", "true", "--max_steps", "1")[0] == 0
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 1
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]  # no resume into the old run
 
@@ -104,14 +98,14 @@ def test_distill_never_writes_into_the_teacher_or_student_folder(models, tmp_pat
     for role, key in (("teacher", "teacher_model_name_or_path"), ("student", "student_model_name_or_path")):
         folder = Path(models["t5"][role])
         before = _digest(folder)
-        code, out, err = _distill(capsys, config, "--output_dir", str(folder), "--overwrite_output_dir", "true")
+        code, out, err = run_distill(capsys, config, "--output_dir", str(folder), "--overwrite_output_dir", "true")
         _assert_one_line_error(code, out, err, "distill", "output_dir", key, "another folder")
         assert _digest(folder) == before
 
 
 def test_resume_without_a_checkpoint_is_a_one_line_error(models, tmp_path, capsys):
     config, out = _t5_config(models, tmp_path)
-    code, stdout, stderr = _distill(capsys, config, "--resume_from_checkpoint", "true")
+    code, stdout, stderr = run_distill(capsys, config, "--resume_from_checkpoint", "true")
     _assert_one_line_error(code, stdout, stderr, "distill", "resume_from_checkpoint", "no checkpoint")
 
 
@@ -140,7 +134,7 @@ def test_make_student_refuses_a_saved_model_and_the_teacher_folder(models, tmp_p
 @pytest.mark.parametrize(("key", "value"), [("generation_max_length", "0"), ("generation_num_beams", "0")])
 def test_bad_generation_settings_are_refused_before_training(models, tmp_path, capsys, key, value):
     config, out = _t5_config(models, tmp_path)
-    code, stdout, stderr = _distill(capsys, config, f"--{key}", value)
+    code, stdout, stderr = run_distill(capsys, config, f"--{key}", value)
     _assert_one_line_error(code, stdout, stderr, "distill", f"{key}={value}")
     assert not out.exists()  # nothing trained, nothing to lose
 
@@ -153,7 +147,7 @@ def test_a_failing_final_evaluation_keeps_the_trained_student(models, tmp_path, 
 
     monkeypatch.setattr(DistillationTrainer, "evaluate", broken)
     with pytest.raises(RuntimeError, match="out of memory"):
-        _distill(capsys, config)
+        run_distill(capsys, config)
     initial = load_file(Path(models["t5"]["student"]) / "model.safetensors")
     trained = load_file(out / "model.safetensors")
     assert any(not torch.equal(initial[name], trained[name]) for name in initial)
@@ -165,13 +159,13 @@ def test_a_failing_final_evaluation_keeps_the_trained_student(models, tmp_path, 
 def test_save_tokenized_train_names_the_split_folder_and_the_next_command(models, tmp_path, capsys):
     config, out = _t5_config(models, tmp_path)
     folder = tmp_path / "train_tok"
-    code, stdout, _ = _distill(capsys, config, "--save_tokenized_train", str(folder))
+    code, stdout, _ = run_distill(capsys, config, "--save_tokenized_train", str(folder))
     assert code == 0
     assert "Saved the student" not in stdout
     assert f"to {folder}" in stdout and "hf-kd cache-teacher" in stdout and f"--dataset {folder}" in stdout
     assert len(Dataset.load_from_disk(str(folder))) == 16 and not out.exists()
 
-    code, stdout, stderr = _distill(capsys, config, "--save_tokenized_train", str(folder))  # a second time
+    code, stdout, stderr = run_distill(capsys, config, "--save_tokenized_train", str(folder))  # a second time
     _assert_one_line_error(code, stdout, stderr, "distill", "save_tokenized_train", "not empty")
 
 
@@ -228,7 +222,7 @@ def test_bad_input_is_a_one_line_error(models, tmp_path, capsys, case, words):
     elif case == "empty_targets":
         path = write_json_rows(tmp_path / "empty.jsonl", [{"document": "one two", "summary": " "}] * 8)
         overrides = ["--data_files", json.dumps({"train": path, "validation": path})]
-    code, stdout, stderr = _distill(capsys, config, *overrides)
+    code, stdout, stderr = run_distill(capsys, config, *overrides)
     _assert_one_line_error(code, stdout, stderr, "distill", *words)
     assert not out.exists()
 
@@ -264,7 +258,7 @@ def test_rows_with_an_empty_target_are_left_out(tmp_path):
 def test_evaluation_can_be_turned_off_with_train_only_data(models, tmp_path, capsys, switch):
     config, out = _t5_config(models, tmp_path)
     train = yaml.safe_load(Path(config).read_text())["data_files"]["train"]
-    code, _, stderr = _distill(capsys, config, "--data_files", train, "--eval_strategy", "steps", *switch)
+    code, _, stderr = run_distill(capsys, config, "--data_files", train, "--eval_strategy", "steps", *switch)
     assert code == 0, stderr
     assert json.loads((out / "all_results.json").read_text())["train_samples"] == 16
     assert not (out / "eval_results.json").exists()
@@ -339,6 +333,6 @@ def test_a_setting_the_trainer_refuses_is_a_one_line_error(models, tmp_path, cap
     """The trainer's own refusals (here: a teacher and a teacher cache at once) reach the user as one line too."""
     config, output_dir = _t5_config(models, tmp_path, teacher_cache=str(tmp_path / "some-cache"))
     (tmp_path / "some-cache").mkdir()
-    code, out, err = _distill(capsys, config)
+    code, out, err = run_distill(capsys, config)
     _assert_one_line_error(code, out, err, "distill", "teacher", "teacher_cache", "not both")
     assert not (output_dir / "model.safetensors").exists()
