@@ -236,7 +236,7 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "## Teachers and their caches (k = 64)",
         "",
-        "Times were measured on a shared, busy machine unless the command says otherwise: rough.",
+        "Times are wall-clock seconds on this machine: compare the two arms within one run, alone on the machine.",
         "",
         "Cache seconds and target tokens/s: building the cache in one process, the teacher loaded. Command seconds "
         "and peak RSS: the whole `hf-kd cache-teacher` process (Python start-up, imports and loading included).",
