@@ -57,8 +57,13 @@ class StopWhenFlat(TrainerCallback):
         outputs = qs.greedy_outputs(model, self.tokenizer, self.valid, self.settings)
         score = qs.rouge_l(outputs, self.references[: len(outputs)])
         model.train()
-        point = {"step": state.global_step, "rougeL": score, "wall": time.perf_counter() - self.start,
-                 "cpu": cpu_seconds(), "lr": state.log_history[-1].get("learning_rate", 0) if state.log_history else 0}
+        point = {
+            "step": state.global_step,
+            "rougeL": score,
+            "wall": time.perf_counter() - self.start,
+            "cpu": cpu_seconds(),
+            "lr": state.log_history[-1].get("learning_rate", 0) if state.log_history else 0,
+        }
         self.curve.append(point)
         print(json.dumps(point), flush=True)
         if self.best is None or score >= self.best[0] + self.min_gain:
