@@ -266,6 +266,37 @@ def test_training_from_a_teacher_cache_keeps_frozen_parts(tmp_path, tokenizer):
     check_optimizer(trainer, student, frozen)
 
 
+def test_whisper_switches_freeze_what_distil_whisper_froze():
+    """distil-whisper's --freeze_encoder (convolutions and layers; its sinusoidal positions are fixed already) and
+    --freeze_embed_positions (the decoder's learned positions); the token table is tied to proj_out."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    from hf_kd.student.freeze import freeze_student
+
+    def whisper():
+        config = WhisperConfig(
+            vocab_size=60, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+            decoder_attention_heads=2, encoder_ffn_dim=16, decoder_ffn_dim=16, num_mel_bins=8,
+            max_source_positions=8, max_target_positions=16, pad_token_id=0, bos_token_id=1, eos_token_id=1,
+            decoder_start_token_id=2,
+        )  # fmt: skip
+        return WhisperForConditionalGeneration(config)
+
+    for switches, expected in [
+        (["freeze_encoder"], lambda n: n.startswith("model.encoder.") and n != "model.encoder.embed_positions.weight"),
+        (["freeze_positional_embeddings"], lambda n: n == "model.decoder.embed_positions.weight"),
+        (["freeze_embeddings"], lambda n: n == "model.decoder.embed_tokens.weight"),
+    ]:
+        model = whisper()
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert "model.encoder.embed_positions.weight" not in trainable  # Whisper fixes it itself
+        frozen = freeze_student(model, type("Args", (), dict.fromkeys(switches, True))())
+        now_frozen = {n for n, p in model.named_parameters() if not p.requires_grad} & trainable
+        assert now_frozen == {n for n in trainable if expected(n)} and now_frozen
+        assert sorted(frozen.by_switch[switches[0]]) == sorted(now_frozen)
+    assert model.get_output_embeddings().weight is model.model.decoder.embed_tokens.weight  # so proj_out is frozen
+
+
 # ---- PEFT -----------------------------------------------------------------------------------------------------
 
 
@@ -295,6 +326,29 @@ def test_lora_student_freezes_its_encoder_adapters_and_keeps_modules_to_save(tmp
     assert trainer.frozen.by_switch["freeze_embeddings"] == [] and set(trainer.frozen.kept) == kept
     assert not trainer.reuses_student_encoder  # an encoder with adapters is no copy of the teacher's
     assert any("runs its own encoder" in r.getMessage() for r in caplog.records)
+    assert trainer.loss_settings.fuse_output_layer  # "auto" fuses a PEFT student's plain lm_head
+
+
+def test_a_lora_bart_student_gets_the_same_loss_fused_and_unfused(tmp_path, tokenizer):
+    """The fused output layer on a PEFT model: BART's final_logits_bias is found on the base model, not the wrapper
+    (which it was not before: the fused path failed on a LoRA BART student)."""
+    peft = pytest.importorskip("peft")
+    student, teacher = copy_pair(len(tokenizer))
+    student = peft.get_peft_model(student, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        student.get_base_model().final_logits_bias.normal_()  # so that a bias left out would show
+    data = seq2seq_dataset(tokenizer, n=4)
+    batch = seq2seq_collator(tokenizer, student)([data[i] for i in range(4)])
+    (_, fused, grads, _), (_, plain, plain_grads, _) = (
+        _loss_and_grads(
+            copy.deepcopy(student), teacher, tokenizer, tmp_path, batch, fuse_output_layer=fuse, loss_chunk_size=5
+        )
+        for fuse in (True, False)
+    )
+    torch.testing.assert_close(fused, plain)
+    assert grads.keys() == plain_grads.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(grads[name], plain_grads[name], msg=name)
 
 
 # ---- refused settings -------------------------------------------------------------------------------------------
