@@ -43,7 +43,7 @@ from hf_kd.losses import (
     score,
 )
 from hf_kd.saving import save_atomically
-from hf_kd.student.freeze import freeze_student
+from hf_kd.student.freeze import plan_freezing
 from hf_kd.student.hidden import PROJECTION_FILE, HiddenStateDistiller
 from hf_kd.teachers import (
     CachedTeacher,
@@ -208,8 +208,9 @@ class DistillationTrainer(Seq2SeqTrainer):
         if model is None:
             raise ValueError("DistillationTrainer needs the student as `model`.")
         is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
-        # Before the Trainer builds anything: the optimizer (built at train()) then only holds what trains.
-        self.frozen = freeze_student(model, args)
+        # Checked now, before a teacher is loaded; applied once the settings are checked (the student is left as it
+        # was when they are refused), before the optimizer is built (at train()): it then holds only what trains.
+        self.frozen = plan_freezing(model, args)
         self.teacher_cache = self._open_teacher_cache(
             teacher_cache, teacher_model, model, args, processing_class, kwargs
         )
@@ -229,6 +230,7 @@ class DistillationTrainer(Seq2SeqTrainer):
             },
         )  # fmt: skip
         check_refusals(in_use)
+        self.frozen.apply()
         if self.frozen.by_switch and self.is_local_process_zero():
             logger.info("Froze part of the student (requires_grad False): %s.", self.frozen.describe())
         self.is_encoder_decoder = is_encoder_decoder

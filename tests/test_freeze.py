@@ -382,6 +382,15 @@ def test_freezing_everything_that_trains_is_refused(tmp_path, tokenizer):
     assert student.transformer.wte.weight.requires_grad
 
 
+def test_a_refused_run_leaves_the_student_as_it_was(tmp_path, tokenizer):
+    student = tiny_gpt2(len(tokenizer))
+    teachers = [tiny_gpt2(len(tokenizer), seed=2), tiny_gpt2(len(tokenizer), seed=3)]
+    args = config(tmp_path, freeze_embeddings=True, seq_kd=True)  # seq_kd needs a single teacher
+    with pytest.raises(ValueError, match="seq_kd"):
+        DistillationTrainer(model=student, teacher_model=teachers, args=args, processing_class=tokenizer)
+    assert all(p.requires_grad for p in student.parameters())
+
+
 def test_an_explicit_reuse_still_refuses_a_student_whose_encoder_trains(tmp_path, tokenizer):
     student, teacher = copy_pair(len(tokenizer))
     args = config(tmp_path, teacher_reuses_student_encoder=True)

@@ -29,11 +29,17 @@ _PEFT_COPY = ".modules_to_save."
 
 @dataclass
 class Frozen:
-    """What :func:`freeze_student` did: per switch, the parameter names it froze (each parameter counted once, under
-    the first switch that covers it), and the modules_to_save copies it left trainable."""
+    """What the freeze switches do to a student: per switch, the names of the trainable parameters it freezes (each
+    counted once, under the first switch that covers it), the modules_to_save copies it leaves trainable, and the
+    parameters themselves, frozen by :meth:`apply`."""
 
     by_switch: dict[str, list[str]] = field(default_factory=dict)
     kept: list[str] = field(default_factory=list)
+    params: list[nn.Parameter] = field(default_factory=list, repr=False)
+
+    def apply(self) -> None:
+        for param in self.params:
+            param.requires_grad_(False)
 
     def describe(self) -> str:
         parts = [f"{name}: {len(names)} tensors" for name, names in self.by_switch.items()]
@@ -105,15 +111,22 @@ _FINDERS = {
 
 
 def freeze_student(model: nn.Module, args: Any) -> Frozen:
-    """Set ``requires_grad`` False on what ``args``'s freeze switches name; a ValueError for a switch the model
-    cannot take (before anything is changed), or when nothing would be left to train."""
+    """Set ``requires_grad`` False on what ``args``'s freeze switches name (:func:`plan_freezing`, applied)."""
+    frozen = plan_freezing(model, args)
+    frozen.apply()
+    return frozen
+
+
+def plan_freezing(model: nn.Module, args: Any) -> Frozen:
+    """What ``args``'s freeze switches freeze in ``model``, nothing changed yet; a ValueError for a switch the model
+    cannot take, or when nothing would be left to train."""
     model = _unwrap(model)
     on = switches_on(args)
     if not on:
         return Frozen()
     # Names of the model's own parameters, tied ones once (under their first name), as named_parameters() gives them.
     prefix_of = {id(p): name for name, p in model.named_parameters()}
-    chosen = {switch: _FINDERS[switch](model, prefix_of) for switch in on}  # every check before any change
+    chosen = {switch: _FINDERS[switch](model, prefix_of) for switch in on}
     frozen, to_freeze = Frozen(), {}
     for switch, pairs in chosen.items():
         names = []
@@ -128,6 +141,5 @@ def freeze_student(model: nn.Module, args: Any) -> Frozen:
         frozen.by_switch[switch] = names
     if not any(p.requires_grad and id(p) not in to_freeze for p in model.parameters()):
         raise ValueError(f"{' + '.join(on)} would leave no parameter of the student to train; turn one of them off.")
-    for param in to_freeze.values():
-        param.requires_grad_(False)
+    frozen.params = list(to_freeze.values())
     return frozen
