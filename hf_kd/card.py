@@ -7,6 +7,7 @@ import re
 from typing import Any
 
 from hf_kd.losses import DIVERGENCES
+from hf_kd.student.freeze import switches_on
 from hf_kd.version import __version__
 
 _LOSS_NAMES = {
@@ -71,7 +72,12 @@ def markdown_name(name: str) -> str:
 
 
 def distillation_section(
-    *, teacher: str, args: Any, dataset: str | list[str] | None = None, metrics: dict[str, float] | None = None
+    *,
+    teacher: str,
+    args: Any,
+    dataset: str | list[str] | None = None,
+    metrics: dict[str, float] | None = None,
+    reused_encoder: bool = False,
 ) -> str:
     """Markdown that records the teacher, the loss and its settings, the data, the metrics and the hf_kd version.
 
@@ -97,6 +103,11 @@ def distillation_section(
         f"| data set | {data} |",
         f"| hf_kd version | {__version__} |",
     ]
+    frozen = switches_on(args)
+    if frozen:  # after alpha, before the data set
+        lines.insert(-2, f"| frozen in training | {', '.join(f'`{name}`' for name in frozen)} |")
+    if reused_encoder:
+        lines.insert(-2, "| teacher's encoder | not run: the teacher read the student's, a frozen copy of its own |")
     if metrics:
         lines += ["", "Evaluation of the student:", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {_fmt(v)} |" for k, v in metrics.items()]

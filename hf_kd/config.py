@@ -161,12 +161,14 @@ class DistillationConfig(Seq2SeqTrainingArguments):
             "where it cannot be. False: never. The same loss and gradients either way."
         },
     )
-    teacher_reuses_student_encoder: bool = field(
-        default=False,
+    teacher_reuses_student_encoder: bool | None = field(
+        default=None,
         metadata={
             "help": "Encoder-decoder models: give the teacher the student's encoder outputs instead of running "
             "its own encoder. Only for a student whose encoder is a frozen copy of the teacher's (DistilBART, "
-            "distil-whisper); the trainer checks that it is."
+            "distil-whisper); the trainer checks that it is. None (default): on when freeze_encoder is and the "
+            "trainer finds the student's encoder a frozen copy it can reuse exactly (said once in the log); "
+            "False: never."
         },
     )
 
@@ -260,6 +262,33 @@ class DistillationConfig(Seq2SeqTrainingArguments):
             "vocab] arrays) within the budget, so that the loss's memory stays flat in the vocabulary (at 512: 1024 "
             "tokens up to a vocabulary of 32,768, 128 at 262,144). None: loss_chunk_size tokens whatever the "
             "vocabulary. The same loss and gradients either way."
+        },
+    )
+
+    freeze_encoder: bool = field(
+        default=False,
+        metadata={
+            "help": "Encoder-decoder students: freeze the whole encoder (requires_grad False before the optimizer is "
+            "built), its token embedding included: BART's and T5's is shared with the decoder and the tied output "
+            "layer, which are then frozen too, as DistilBART's --freeze_encoder did (Whisper's encoder has none). "
+            "A causal student is refused. With a student whose encoder is a copy of the teacher's, the teacher "
+            "then reuses the student's encoder outputs (see teacher_reuses_student_encoder)."
+        },
+    )
+    freeze_embeddings: bool = field(
+        default=False,
+        metadata={
+            "help": "Freeze the token embeddings (the shared table, and an encoder's or decoder's own), and so a "
+            "tied output layer (lm_head); an untied lm_head still trains. Position tables: "
+            "freeze_positional_embeddings. DistilBART's --freeze_embeds is both switches."
+        },
+    )
+    freeze_positional_embeddings: bool = field(
+        default=False,
+        metadata={
+            "help": "Freeze learned position embedding tables: embed_positions (BART, Whisper, OPT), wpe (GPT-2), "
+            "position_embeddings; distil-whisper's --freeze_embed_positions. A model without one (T5's relative "
+            "attention bias is part of attention, not a table; rotary models) is refused."
         },
     )
 

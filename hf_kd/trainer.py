@@ -43,6 +43,7 @@ from hf_kd.losses import (
     score,
 )
 from hf_kd.saving import save_atomically
+from hf_kd.student.freeze import plan_freezing
 from hf_kd.student.hidden import PROJECTION_FILE, HiddenStateDistiller
 from hf_kd.teachers import (
     CachedTeacher,
@@ -56,7 +57,7 @@ from hf_kd.teachers.cache import CACHE_COLUMNS
 from hf_kd.teachers.cross_tokenizer.source import check_cross_tokenizer, make_collator, realign
 from hf_kd.teachers.cross_tokenizer.vocabulary import VocabularyMap
 from hf_kd.teachers.fsdp import drop_tied_copies
-from hf_kd.teachers.live import check_shared_encoder
+from hf_kd.teachers.live import check_shared_encoder, encoder_dropout, shared_encoder_problem
 from hf_kd.teachers.loading import (
     check_compatible,
     check_same_tokenizer,
@@ -128,9 +129,17 @@ def engine_in_words(distributed_type: DistributedType, processes: int) -> str:
 
 def check_refusals(in_use: set[str]) -> None:
     """Raise the first :data:`REFUSALS` entry whose two settings are both in use."""
+    message = first_refusal(in_use)
+    if message is not None:
+        raise ValueError(message)
+
+
+def first_refusal(in_use: set[str]) -> str | None:
+    """The message of the first :data:`REFUSALS` entry whose two settings are both in use, else None."""
     for first, second, message in REFUSALS:
         if first in in_use and second in in_use:
-            raise ValueError(message)
+            return message
+    return None
 
 
 def settings_in_use(args: DistillationConfig, **facts: bool) -> set[str]:
@@ -199,6 +208,9 @@ class DistillationTrainer(Seq2SeqTrainer):
         if model is None:
             raise ValueError("DistillationTrainer needs the student as `model`.")
         is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+        # Checked now, before a teacher is loaded; applied once the settings are checked (the student is left as it
+        # was when they are refused), before the optimizer is built (at train()): it then holds only what trains.
+        self.frozen = plan_freezing(model, args)
         self.teacher_cache = self._open_teacher_cache(
             teacher_cache, teacher_model, model, args, processing_class, kwargs
         )
@@ -209,16 +221,18 @@ class DistillationTrainer(Seq2SeqTrainer):
 
         super().__init__(model=model, args=args, processing_class=processing_class, **kwargs)
         self._warn_engine_fallback()
-        check_refusals(
-            settings_in_use(
-                args,
-                teacher_cache=self.teacher_cache is not None,
-                **{
-                    "teacher ensemble": isinstance(teacher_model, TeacherEnsemble),
-                    "DeepSpeed or FSDP": self.is_deepspeed_enabled or self.is_fsdp_enabled,
-                },
-            )  # fmt: skip
-        )
+        in_use = settings_in_use(
+            args,
+            teacher_cache=self.teacher_cache is not None,
+            **{
+                "teacher ensemble": isinstance(teacher_model, TeacherEnsemble),
+                "DeepSpeed or FSDP": self.is_deepspeed_enabled or self.is_fsdp_enabled,
+            },
+        )  # fmt: skip
+        check_refusals(in_use)
+        self.frozen.apply()
+        if self.frozen.by_switch and self.is_local_process_zero():
+            logger.info("Froze part of the student (requires_grad False): %s.", self.frozen.describe())
         self.is_encoder_decoder = is_encoder_decoder
         # Have the Trainer count target tokens over accumulated micro-batches and pass num_items_in_batch.
         self.model_accepts_loss_kwargs = True
@@ -236,6 +250,7 @@ class DistillationTrainer(Seq2SeqTrainer):
         )  # fmt: skip
         self.loss_settings = LossSettings.from_config(args, fuse_output_layer=fuse)
         self.teacher_source: TeacherSource
+        self.reuses_student_encoder = False  # whether the teacher takes the student's encoder outputs
         if self.teacher_cache is not None:
             self.teacher, self.hidden_distiller = None, None
             self.vocab_size = self.teacher_cache.vocab_size
@@ -246,8 +261,7 @@ class DistillationTrainer(Seq2SeqTrainer):
             )
         else:
             self.hidden_distiller = self._make_hidden_distiller(model, teacher_model)
-            if args.teacher_reuses_student_encoder:
-                check_shared_encoder(model, teacher_model)
+            self.reuses_student_encoder = self._reuse_student_encoder(model, teacher_model, in_use)
             if args.cross_tokenizer:
                 self.vocab_size = None
                 vocab_map = VocabularyMap.from_tokenizers(processing_class, teacher_processing_class)
@@ -257,7 +271,7 @@ class DistillationTrainer(Seq2SeqTrainer):
             if args.cross_tokenizer:
                 self.teacher_source = CrossTokenizerTeacher(self.teacher, vocab_map)
             else:
-                self.teacher_source = LiveTeacher(self.teacher, self.vocab_size, args.teacher_reuses_student_encoder)
+                self.teacher_source = LiveTeacher(self.teacher, self.vocab_size, self.reuses_student_encoder)
         self._check_labels_present()
 
     def _resolve_teacher(
@@ -390,6 +404,36 @@ class DistillationTrainer(Seq2SeqTrainer):
             return
         if "labels" not in batch:
             raise ValueError(_missing_labels_message(self.args.alpha))
+
+    def _reuse_student_encoder(self, student: nn.Module, teacher: nn.Module, in_use: set[str]) -> bool:
+        """teacher_reuses_student_encoder resolved: True is checked (an error where it cannot be), False is False,
+        None is on with freeze_encoder where the student's encoder is a frozen copy the teacher can reuse exactly;
+        which it chose and why, said once."""
+        setting = self.args.teacher_reuses_student_encoder
+        if setting:
+            check_shared_encoder(student, teacher)
+            return True
+        if setting is False or not self.args.freeze_encoder:
+            return False
+        why = first_refusal(in_use | {"teacher_reuses_student_encoder"})
+        if why is None and (self.is_fsdp_enabled or is_deepspeed_zero3_enabled()):
+            why = "the weights are sharded (DeepSpeed ZeRO-3 or FSDP), so they cannot be compared here"
+        if why is None and encoder_dropout(student) is not None:
+            why = (
+                f"the student's encoder applies dropout in training ({encoder_dropout(student)}), so its outputs "
+                "are not the teacher's; set it to 0 (for a frozen encoder it only adds noise) to reuse them"
+            )
+        why = why or shared_encoder_problem(student, teacher)
+        if self.is_local_process_zero():
+            if why is None:
+                logger.info(
+                    "freeze_encoder: the teacher reuses the student's encoder outputs, since the student's encoder is "
+                    "a frozen copy of its own (the same loss, one encoder pass less per step); "
+                    "teacher_reuses_student_encoder=False runs the teacher's encoder instead."
+                )
+            else:
+                logger.info("freeze_encoder: the teacher runs its own encoder: %s", why)
+        return why is None
 
     def _make_hidden_distiller(self, student: nn.Module, teacher: nn.Module) -> HiddenStateDistiller | None:
         """The hidden-state term's layer pairs and projections, when hidden_state_loss_weight > 0."""
@@ -775,7 +819,10 @@ class DistillationTrainer(Seq2SeqTrainer):
         with open(path, encoding="utf-8") as f:
             card = f.read()
         metrics = card_metrics(self.state.log_history, {**self._prediction_metrics, **(metrics or {})})
-        section = distillation_section(teacher=self.teacher_name, args=self.args, dataset=datasets, metrics=metrics)
+        section = distillation_section(
+            teacher=self.teacher_name, args=self.args, dataset=datasets, metrics=metrics,
+            reused_encoder=self.reuses_student_encoder,
+        )  # fmt: skip
         if finetuned_from and finetuned_from == public_name(self.teacher_name):
             card = card.replace("is a fine-tuned version of", "was distilled from")
         # The Trainer links an empty name when the student has no Hub origin; say what happened instead.

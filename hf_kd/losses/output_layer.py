@@ -46,9 +46,13 @@ class UnfusableModelError(ValueError):
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    while hasattr(model, "module"):  # DDP, DeepSpeed engines
-        model = model.module
-    return model
+    while True:
+        if hasattr(model, "module"):  # DDP, DeepSpeed engines
+            model = model.module
+        elif hasattr(model, "get_base_model"):  # a PEFT model: its buffers (final_logits_bias) are the base model's
+            model = model.get_base_model()
+        else:
+            return model
 
 
 def _head(model: nn.Module) -> nn.Linear:

@@ -79,30 +79,59 @@ def rows_at_targets(
 
 def check_shared_encoder(student: nn.Module, teacher: nn.Module) -> None:
     """Refuse ``teacher_reuses_student_encoder`` unless the student's encoder is a frozen copy of the teacher's."""
+    problem = shared_encoder_problem(student, teacher)
+    if problem is not None:
+        raise ValueError(f"teacher_reuses_student_encoder: {problem}")
+
+
+def shared_encoder_problem(student: nn.Module, teacher: nn.Module) -> str | None:
+    """Why the teacher cannot take the student's encoder outputs for its own (and what to do), or None when the
+    student's encoder is a frozen copy of the teacher's: the same parameter names, shapes and values."""
     student, teacher = getattr(student, "module", student), getattr(teacher, "module", teacher)
     if not (
         getattr(student.config, "is_encoder_decoder", False) and getattr(teacher.config, "is_encoder_decoder", False)
     ):
-        raise ValueError("teacher_reuses_student_encoder needs encoder-decoder models (BART, T5, Whisper ...).")
+        return "it needs encoder-decoder models (BART, T5, Whisper ...)."
     s_params = dict(student.get_encoder().named_parameters())
     t_params = dict(teacher.get_encoder().named_parameters())
     trainable = [name for name, p in s_params.items() if p.requires_grad]
     if trainable:
-        raise ValueError(
-            f"teacher_reuses_student_encoder: the student's encoder trains ({len(trainable)} parameters, e.g. "
-            f"{trainable[0]!r}), so its outputs are not the teacher's. Freeze it first, e.g. "
-            "student.get_encoder().requires_grad_(False)."
+        return (
+            f"the student's encoder trains ({len(trainable)} parameters, e.g. {trainable[0]!r}), so its outputs are "
+            "not the teacher's. Freeze it first: set freeze_encoder=True."
         )
     same = s_params.keys() == t_params.keys() and all(
         p.shape == t_params[name].shape and torch.equal(p.detach().to(t_params[name]), t_params[name].detach())
         for name, p in s_params.items()
     )
     if not same:
-        raise ValueError(
-            "teacher_reuses_student_encoder: the student's encoder is not a copy of the teacher's (its weights "
-            "differ), so the teacher would see different encoder outputs. Copy the teacher's encoder into the "
+        return (
+            "the student's encoder is not a copy of the teacher's (its parameters differ in names, shapes or "
+            "values), so the teacher would see different encoder outputs. Copy the teacher's encoder into the "
             "student, or turn the option off."
         )
+    return None
+
+
+# Config fields by which an encoder's training forward differs from its evaluation one (BART, Whisper, T5, BERT-like).
+_ENCODER_NOISE = (
+    "dropout", "attention_dropout", "activation_dropout", "dropout_rate", "encoder_layerdrop", "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+)  # fmt: skip
+
+
+def encoder_dropout(student: nn.Module) -> str | None:
+    """What makes the student's encoder outputs in training differ from the teacher's (eval-mode) ones, e.g.
+    ``"dropout=0.1"``: a dropout or layer-drop setting above 0, or a dropout module; None when there is none."""
+    student = getattr(student, "module", student)
+    for name in _ENCODER_NOISE:
+        value = getattr(student.config, name, None)
+        if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+            return f"{name}={value}"
+    for name, module in student.get_encoder().named_modules():
+        if isinstance(module, nn.Dropout) and module.p > 0:
+            return f"{name} p={module.p}"
+    return None
 
 
 class LiveTeacher:
