@@ -308,14 +308,14 @@ def make_student(
                   num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads)  # fmt: skip
     target = target_sizes(teacher.config, **widths) if any(v is not None for v in widths.values()) else None
     if layer_selection not in ("spread", "importance"):
-        raise ValueError(f"layer_selection={layer_selection!r}: use 'spread' or 'importance'.")
+        raise ValueError(f"layer_selection={layer_selection!r} is not a choice; use 'spread' or 'importance'.")
     shrinks = target is not None and target != spec_of(teacher.config).sizes(teacher.config, None)
     batches = None
     if shrinks or layer_selection == "importance" or (target is not None and calibration is not None):
         if calibration is None:
             why = "a width smaller than the teacher's" if shrinks else "layer_selection='importance'"
             raise ValueError(
-                f"{why} is chosen by importance on calibration data, and none was given: pass calibration=[...] "
+                f"{why} is chosen by importance on calibration data, and none was given; pass calibration=[...] "
                 "(batches, rows with input_ids, or texts with a tokenizer), or --calibration-file on the CLI."
             )
         batches = calibration_batches(
@@ -358,14 +358,15 @@ def _layers_by_importance(
     """The layers :func:`hf_kd.student.depth.layers_by_importance` keeps for the counts given, validated."""
     if layer_map is not None:
         raise ValueError(
-            "layer_selection='importance' chooses the layers itself: pass encoder_layers / decoder_layers, or drop "
+            "layer_selection='importance' chooses the layers itself; pass encoder_layers / decoder_layers, or drop "
             "it to copy the layer_map given."
         )
     resolve_layer_map(teacher.config, encoder_layers, decoder_layers)  # the counts' own errors first
     counts = {name: n for name, n in (("encoder", encoder_layers), ("decoder", decoder_layers)) if n is not None}
     if not counts:
         raise ValueError(
-            "layer_selection='importance' needs encoder_layers and/or decoder_layers: how many layers to keep."
+            "layer_selection='importance' needs to know how many layers to keep; pass encoder_layers and/or "
+            "decoder_layers."
         )
     from hf_kd.student.depth import layers_by_importance  # written beside this module; loaded only when asked
 

@@ -23,7 +23,8 @@ def spec_of(config: Any) -> WidthSpec:
     spec = WIDTH_SPECS.get(getattr(config, "model_type", None))
     if spec is None:
         raise ValueError(
-            f"Width pruning does not support model_type={config.model_type!r}. Supported: {sorted(WIDTH_SPECS)}."
+            f"Width pruning does not support model_type={config.model_type!r} (supported: {sorted(WIDTH_SPECS)}); "
+            "make the student by layers only."
         )
     return spec
 
@@ -32,7 +33,7 @@ def _check_size(name: str, value: Any, teacher: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= teacher:
         raise ValueError(
             f"{name}={value!r}: pruning keeps between 1 and {teacher} here (the teacher's {name}); it cannot widen "
-            "a model. Pass a smaller number."
+            "a model; pass a smaller number."
         )
     return value
 
@@ -59,7 +60,7 @@ def target_sizes(
     if num_key_value_heads is not None and not spec.grouped_query:
         raise ValueError(
             f"num_key_value_heads: a {model_type} model has no grouped-query attention (every head has its own "
-            "keys and values); use num_attention_heads."
+            "keys and values); use num_attention_heads instead."
         )
     group = teacher.heads // teacher.kv_heads
     kv = teacher.kv_heads
@@ -88,7 +89,7 @@ def target_sizes(
             fix = f"hidden_size={heads * teacher.head_dim} with num_attention_heads={heads}"
         raise ValueError(
             f"A {model_type} student's hidden_size must equal num_attention_heads x {teacher.head_dim} (the "
-            f"teacher's head size); got {hidden} and {heads} heads. Pass {fix}."
+            f"teacher's head size), not {hidden} with {heads} heads; pass {fix}."
         )
     return Sizes(hidden, ffn, heads, kv, teacher.head_dim)
 
@@ -251,15 +252,21 @@ def slice_state_dict(model: PreTrainedModel, kept: Mapping[tuple[str, str], torc
 
 
 def prune_width(
-    model: PreTrainedModel, batches: Sequence[Mapping[str, torch.Tensor]], target: Sizes
+    model: PreTrainedModel,
+    batches: Sequence[Mapping[str, torch.Tensor]],
+    target: Sizes,
+    importance: Mapping[tuple[str, str], torch.Tensor] | None = None,
 ) -> PreTrainedModel:
-    """A narrower copy of ``model`` with ``target``'s widths, keeping what ranks highest on ``batches``.
+    """A narrower copy of ``model`` with ``target``'s widths (from :func:`target_sizes`), keeping what ranks
+    highest on ``batches`` (or by ``importance``, scores shaped as :func:`activation_importance` returns them).
 
     The kept indices are recorded in ``config.hf_kd_pruning``; the model is left as it was.
     """
     spec = spec_of(model.config)
     teacher = spec.sizes(model.config, None)
-    kept = choose(activation_importance(model, batches), model, target)
+    if importance is None:
+        importance = activation_importance(model, batches)
+    kept = choose(importance, model, target)
     config = copy.deepcopy(model.config)
     spec.set_sizes(config, target)
     state = slice_state_dict(model, kept)
