@@ -112,8 +112,13 @@ def _token_masks(batch: Mapping[str, torch.Tensor], is_encoder_decoder: bool) ->
     return source, target
 
 
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _masked_sum(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum over real tokens of ``values`` (batch, seq, ...), their count)."""
+    if mask.shape != values.shape[:2]:
+        raise ValueError(
+            f"A calibration batch's mask has shape {tuple(mask.shape)} but the model ran on {tuple(values.shape[:2])} "
+            "tokens; give attention_mask (and labels or decoder_attention_mask) shaped like the token ids."
+        )
     weights = mask.to(values.dtype).reshape(*mask.shape, *([1] * (values.dim() - 2)))
     return (values * weights).sum(dim=(0, 1)), mask.sum()
 
@@ -138,7 +143,7 @@ def activation_importance(model: PreTrainedModel, batches: Sequence[Mapping[str,
         return "source" if root is not None and (name == root or name.startswith(root + ".")) else "target"
 
     def add(key: tuple[str, str], name: str, values: torch.Tensor) -> None:
-        total, count = _masked_mean(values.float(), masks[side(name)].to(values.device))
+        total, count = _masked_sum(values.float(), masks[side(name)].to(values.device))
         # Per module: mean over its real tokens; a key fed by several modules sums their means.
         sums[key] = sums.get(key, 0) + total.cpu() / count.clamp(min=1).cpu()
 
