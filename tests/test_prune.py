@@ -3,6 +3,7 @@ dead units put there on purpose, and against importance computed by hand."""
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 import types
@@ -495,3 +496,61 @@ def test_calibration_batches_from_rows_and_texts():
 def test_calibration_errors(calibration, message):
     with pytest.raises(ValueError, match=message):
         calibration_batches(calibration, _bart())
+
+
+def test_t5_tied_output_scale_is_kept():
+    """T5 with tied embeddings scales the decoder output by d_model ** -0.5: a narrower student must keep the
+    teacher's scale. Reference: the same teacher untied, its lm_head the embedding times that scale (same logits,
+    no scaling), pruned alike."""
+    tied = _t5().eval()
+    config = copy.deepcopy(tied.config)
+    config.tie_word_embeddings = config.scale_decoder_outputs = False
+    untied = T5ForConditionalGeneration(config).eval()
+    untied.load_state_dict({k: v for k, v in tied.state_dict().items() if k != "lm_head.weight"}, strict=False)
+    with torch.no_grad():
+        untied.lm_head.weight.copy_(tied.shared.weight * 32**-0.5)
+    inputs = _inputs(tied)
+    torch.testing.assert_close(_logits(untied, inputs), _logits(tied, inputs))
+    batches = _batches(tied)
+    narrow_tied = make_student(tied, hidden_size=20, calibration=batches)
+    narrow_untied = make_student(untied, hidden_size=20, calibration=batches)
+    assert narrow_tied.config.hf_kd_pruning["hidden_size"] == narrow_untied.config.hf_kd_pruning["hidden_size"]
+    torch.testing.assert_close(_logits(narrow_tied, inputs), _logits(narrow_untied, inputs))
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "expected"),
+    [
+        ("c.txt", "the cat\n\na dog\n", ["the cat", "a dog"]),
+        ("c.jsonl", '{"text": "the cat", "n": 1}\n{"text": "a dog", "n": 2}\n', ["the cat", "a dog"]),
+        ("c.json", '[{"text": "the cat"}]', ["the cat"]),
+        ("c.csv", "n,text\n1,the cat\n2,a dog\n", ["the cat", "a dog"]),
+        ("c.jsonl", '{"input_ids": [4, 5]}\n', [{"input_ids": [4, 5]}]),
+        ("c.jsonl", "{not json\n", r"cannot be read as \.jsonl .*; fix the file"),
+        ("c.json", '{"text": "the cat"}', r"not a list of rows; give a list of JSON objects"),
+        ("c.parquet", "", r"unknown format \.parquet; use \.jsonl"),
+        ("c.jsonl", '{"body": "x"}\n', r"no column 'text' \(it has \['body'\]\); name the columns with --text-column"),
+    ],
+)
+def test_read_calibration_file(tmp_path, name, text, expected):
+    from hf_kd.student.calibration import read_calibration_file
+
+    path = tmp_path / name
+    path.write_text(text)
+    if isinstance(expected, str):
+        with pytest.raises(ValueError, match=expected):
+            read_calibration_file(path, is_encoder_decoder=False)
+    else:
+        assert read_calibration_file(path, is_encoder_decoder=False) == expected
+
+
+def test_read_calibration_folder_and_pairs(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    from hf_kd.student.calibration import read_calibration_file
+
+    Dataset.from_dict({"article": ["the cat"], "highlights": ["cat"]}).save_to_disk(tmp_path / "one")
+    assert read_calibration_file(tmp_path / "one", is_encoder_decoder=True) == [("the cat", "cat")]
+    DatasetDict({"test": Dataset.from_dict({"text": ["x"]})}).save_to_disk(tmp_path / "splits")
+    with pytest.raises(ValueError, match=r"holds splits \['test'\] and no 'train'; save one split"):
+        read_calibration_file(tmp_path / "splits", is_encoder_decoder=False)

@@ -275,7 +275,8 @@ def prune_width(
     config = copy.deepcopy(model.config)
     spec.set_sizes(config, target)
     state = slice_state_dict(model, kept)
-    if getattr(config, "scale_decoder_outputs", False) and target.hidden != teacher.hidden:
+    scaled = getattr(config, "scale_decoder_outputs", getattr(config, "tie_word_embeddings", False))
+    if config.model_type in ("t5", "mt5") and scaled and target.hidden != teacher.hidden:
         # T5 with tied embeddings scales the decoder output by d_model ** -0.5: keep the teacher's scale.
         name = "decoder.final_layer_norm.weight"
         state[name] = state[name] * math.sqrt(target.hidden / teacher.hidden)
