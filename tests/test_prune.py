@@ -554,3 +554,17 @@ def test_read_calibration_folder_and_pairs(tmp_path):
     DatasetDict({"test": Dataset.from_dict({"text": ["x"]})}).save_to_disk(tmp_path / "splits")
     with pytest.raises(ValueError, match=r"holds splits \['test'\] and no 'train'; save one split"):
         read_calibration_file(tmp_path / "splits", is_encoder_decoder=False)
+
+
+def test_cli_prunes_a_causal_model_from_a_text_file(capsys, tmp_path):
+    teacher_dir, out = tmp_path / "teacher", tmp_path / "student"
+    tiny_gpt2(VOCAB, n_layer=2).save_pretrained(teacher_dir)
+    make_tokenizer().save_pretrained(teacher_dir)
+    (tmp_path / "calib.txt").write_text("\n".join(random_sentences(6)) + "\n")
+    argv = ["make-student", str(teacher_dir), str(out), "--hidden-size", "16", "--num-attention-heads", "1",
+            "--calibration-file", str(tmp_path / "calib.txt")]  # fmt: skip
+    one_line_error(capsys, [*argv, "--calibration-rows", "0"], "--calibration-rows 0")
+    assert cli_main(argv) == 0
+    assert "widths: hidden_size 32 -> 16, num_attention_heads 2 -> 1)" in capsys.readouterr().out
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert (reloaded.config.n_embd, reloaded.config.n_head, reloaded.config.n_inner) == (16, 1, 128)

@@ -37,7 +37,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             "Copy the teacher's embeddings, the chosen layers and every other weight into a model of the same "
             "architecture with fewer layers, and save it with the tokenizer and hf_kd_student.json (the layer "
             "map). Default layers: DistilBART's published maps for 6-, 12- and 16-layer teachers, else evenly "
-            "spread keeping the first and the last. Supports BART, T5/mT5/Flan-T5, GPT-2, Llama, Mistral, Qwen2."
+            "spread keeping the first and the last. Width options then narrow the copy (Minitron width pruning: "
+            "the channels, neurons and heads with the largest mean activations on --calibration-file stay). "
+            "Supports BART, T5/mT5/Flan-T5, GPT-2, Llama, Mistral, Qwen2."
         ),
     )
     parser.add_argument("teacher", help="Local directory or Hub id of the teacher.")
@@ -74,12 +76,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "the calibration data. Needs --calibration-file.",
     )
     for option, what in (
-        ("--hidden-size", "hidden (residual) channels to keep"),
-        ("--intermediate-size", "MLP neurons per layer to keep"),
-        ("--num-attention-heads", "query heads per attention module to keep"),
-        ("--num-key-value-heads", "key-value groups to keep (Llama, Mistral, Qwen2)"),
+        ("--hidden-size", "Hidden (residual-stream) channels to keep."),
+        ("--intermediate-size", "MLP neurons per layer to keep."),
+        ("--num-attention-heads", "Query heads per attention module to keep."),
+        ("--num-key-value-heads", "Key-value groups to keep (Llama, Mistral, Qwen2)."),
     ):
-        width.add_argument(option, type=int, default=None, metavar="N", help=f"{what.capitalize()}.")
+        width.add_argument(option, type=int, default=None, metavar="N", help=what)
     width.add_argument(
         "--calibration-file",
         default=None,
@@ -90,10 +92,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     width.add_argument(
         "--calibration-rows", type=int, default=256, metavar="N", help="Use the first N rows (default 256)."
     )
-    width.add_argument("--text-column", default="text", help="Text column (causal models; default text).")
-    width.add_argument("--source-column", default="article", help="Source column (encoder-decoder; default article).")
+    width.add_argument("--text-column", default="text", metavar="C", help="Text column (causal models; default text).")
     width.add_argument(
-        "--target-column", default="highlights", help="Target column (encoder-decoder; default highlights)."
+        "--source-column", default="article", metavar="C", help="Source column (encoder-decoder; default article)."
+    )
+    width.add_argument(
+        "--target-column",
+        default="highlights",
+        metavar="C",
+        help="Target column (encoder-decoder; default highlights).",
     )
     parser.add_argument(
         "--layer-selection",
@@ -218,6 +225,8 @@ def _make_student(args: argparse.Namespace) -> int:
     pruning = getattr(student.config, PRUNING_ATTRIBUTE, None)
     if pruning is not None:
         before, after = pruning["teacher_sizes"], pruning["student_sizes"]
-        layers += "; widths: " + ", ".join(f"{k} {before[k]} -> {after[k]}" for k in before if before[k] != after[k])
+        grouped = before["num_key_value_heads"] != before["num_attention_heads"]  # else kv heads are the heads
+        changed = [k for k in before if before[k] != after[k] and (grouped or k != "num_key_value_heads")]
+        layers += "; widths: " + ", ".join(f"{k} {before[k]} -> {after[k]}" for k in changed)
     print(f"Saved a {student.num_parameters():,}-parameter student to {args.output_dir} (teacher layers: {layers}).")
     return 0
