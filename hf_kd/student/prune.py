@@ -228,7 +228,10 @@ def slice_state_dict(model: PreTrainedModel, kept: Mapping[tuple[str, str], torc
     for key, tensor in model.state_dict().items():
         found = [(m, axes) for pattern, axes in spec.rules if (m := pattern.search(key)) is not None]
         if not found:
-            raise KeyError(f"Width pruning has no rule for the weight {key!r} of a {model.config.model_type} model.")
+            raise ValueError(
+                f"Width pruning has no rule for the weight {key!r} of this {model.config.model_type} model (a variant "
+                "it does not know); make the student by layers only."
+            )
         match, axes = found[0]  # the first rule that matches
         groups = match.groupdict()
         for axis, label in enumerate(axes):
