@@ -476,6 +476,8 @@ def test_calibration_batches_from_rows_and_texts():
     assert texts[0]["labels"].tolist() == [tokenizer("the cat")["input_ids"], tokenizer("sun")["input_ids"] + [-100]]
     gpt2 = tiny_gpt2(VOCAB)
     assert "labels" not in calibration_batches(["the cat"], gpt2, tokenizer)[0]
+    long = calibration_batches([{"input_ids": list(range(100))}], gpt2)[0]  # 64 positions
+    assert long["input_ids"].tolist() == [list(range(64))] and long["attention_mask"].shape == (1, 64)
     given = [{"input_ids": torch.ones(2, 3, dtype=torch.long), "extra": "x"}]
     assert list(calibration_batches(given, gpt2)[0]) == ["input_ids"]
 

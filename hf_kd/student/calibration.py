@@ -140,6 +140,9 @@ def calibration_batches(
             "Calibration rows for an encoder-decoder model need labels (or decoder_input_ids) so that the "
             "decoder runs too; add the target token ids."
         )
+    limit = _max_positions(config)
+    if limit is not None:  # a row past the model's positions would fail inside the forward
+        items = [{k: (v[:limit] if k in MODEL_KEYS and v is not None else v) for k, v in row.items()} for row in items]
     return _batches_from_rows(items, config, _pad_id(config, tokenizer), batch_size)
 
 
