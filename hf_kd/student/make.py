@@ -1,4 +1,5 @@
-"""make_student: a shallower copy of the teacher, DistilBART style (keep some layers, copy every other weight)."""
+"""make_student: a shallower copy of the teacher, DistilBART style (keep some layers, copy every other weight),
+optionally narrowed by width pruning (:mod:`hf_kd.student.prune`)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ from typing import Any
 
 import torch
 from transformers import PreTrainedModel
+
+from hf_kd.student.calibration import calibration_batches
+from hf_kd.student.prune import PRUNING_ATTRIBUTE, prune_width, spec_of, target_sizes
 
 # What a student made here records in its config, and the file saved beside it.
 CONFIG_ATTRIBUTE = "hf_kd_layer_map"
@@ -242,12 +246,26 @@ def make_student(
     layer_map: dict[str, list[int]] | list[int] | None = None,
     output_dir: str | os.PathLike | None = None,
     tokenizer: Any = None,
+    *,
+    hidden_size: int | None = None,
+    intermediate_size: int | None = None,
+    num_attention_heads: int | None = None,
+    num_key_value_heads: int | None = None,
+    calibration: Any = None,
+    layer_selection: str = "spread",
+    calibration_batch_size: int = 8,
+    calibration_rows: int | None = None,
 ) -> PreTrainedModel:
     """A smaller student of the teacher's architecture, initialised from the teacher's weights.
 
     The student has the teacher's config with fewer layers; it gets the teacher's embeddings, the chosen layers
     (default: :func:`default_layers`) and every other weight (final layer norms, an untied ``lm_head``, BART's
     ``final_logits_bias``, T5's relative attention bias). The map is recorded in ``config.hf_kd_layer_map``.
+
+    Width pruning (Minitron): given ``hidden_size``, ``intermediate_size``, ``num_attention_heads`` or
+    ``num_key_value_heads``, the layer-pruned student is then narrowed to those widths, keeping the channels,
+    neurons and heads with the largest mean activations on ``calibration`` (see :mod:`hf_kd.student.prune`); the
+    kept indices are recorded in ``config.hf_kd_pruning``.
 
     Args:
         teacher: a model, or a local path / Hub id loaded with the Auto class that fits its config.
@@ -256,7 +274,20 @@ def make_student(
         layer_map: explicit teacher layer indices per stack, ``{"encoder": [0, 6, 11], "decoder": [0, 11]}``, or
             a list for a causal model; overrides the default spread.
         output_dir: when given, the student is saved there (see :func:`save_student`).
-        tokenizer: saved with the student; when ``teacher`` is a path with a tokenizer, that one is used.
+        tokenizer: saved with the student (and tokenizes calibration texts); when ``teacher`` is a path with a
+            tokenizer, that one is used.
+        hidden_size: residual-stream channels the student keeps (GPT-2, BART: must be
+            ``num_attention_heads x`` the teacher's head size).
+        intermediate_size: MLP neurons per layer the student keeps.
+        num_attention_heads: query heads per attention module the student keeps.
+        num_key_value_heads: key-value groups kept (Llama, Mistral, Qwen2), each with its query heads.
+        calibration: what the importance is measured on: batches of tensors, rows with ``input_ids`` (a
+            ``datasets.Dataset`` too) or texts; see :func:`hf_kd.student.calibration.calibration_batches`.
+            Needed when a width shrinks or ``layer_selection="importance"``.
+        layer_selection: ``"spread"`` (DistilBART's maps, else evenly spread) or ``"importance"`` (the
+            ``encoder_layers`` / ``decoder_layers`` most important blocks, :mod:`hf_kd.student.depth`).
+        calibration_batch_size: rows per calibration batch (rows and texts only).
+        calibration_rows: use at most this many rows (or batches) of ``calibration``.
 
     Returns:
         The student, in eval mode as ``from_pretrained`` would give it.
@@ -273,7 +304,39 @@ def make_student(
     else:
         teacher_name = getattr(teacher.config, "_name_or_path", "") or ""
     stacks = stacks_of(teacher.config)
+    widths = dict(hidden_size=hidden_size, intermediate_size=intermediate_size,
+                  num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads)  # fmt: skip
+    target = target_sizes(teacher.config, **widths) if any(v is not None for v in widths.values()) else None
+    if layer_selection not in ("spread", "importance"):
+        raise ValueError(f"layer_selection={layer_selection!r} is not a choice; use 'spread' or 'importance'.")
+    shrinks = target is not None and target != spec_of(teacher.config).sizes(teacher.config, None)
+    batches = None
+    if shrinks or layer_selection == "importance" or (target is not None and calibration is not None):
+        if calibration is None:
+            why = "a width smaller than the teacher's" if shrinks else "layer_selection='importance'"
+            raise ValueError(
+                f"{why} is chosen by importance on calibration data, and none was given; pass calibration=[...] "
+                "(batches, rows with input_ids, or texts with a tokenizer), or --calibration-file on the CLI."
+            )
+        batches = calibration_batches(
+            calibration, teacher, tokenizer, batch_size=calibration_batch_size, max_rows=calibration_rows
+        )
+    if layer_selection == "importance":
+        layer_map = _layers_by_importance(teacher, batches, encoder_layers, decoder_layers, layer_map)
+        encoder_layers = decoder_layers = None
     resolved = resolve_layer_map(teacher.config, encoder_layers, decoder_layers, layer_map)
+    student = _copy_layers(teacher, stacks, resolved)
+    if target is not None and batches is not None:
+        student = prune_width(student, batches, target)
+    student.hf_kd_teacher_name = teacher_name
+    student.hf_kd_layer_selection = layer_selection if layer_map is None or layer_selection == "importance" else "map"
+    if output_dir is not None:
+        save_student(student, output_dir, tokenizer=tokenizer, teacher_name=teacher_name, teacher_config=teacher.config)
+    return student
+
+
+def _copy_layers(teacher: PreTrainedModel, stacks: dict[str, Stack], resolved: dict[str, list[int]]) -> PreTrainedModel:
+    """The teacher with only the mapped layers of each stack (weights copied, not shared)."""
     config = student_config(teacher.config, resolved)
     student = type(teacher)._from_config(config, dtype=teacher.dtype)
     state = map_state_dict(teacher.state_dict(), list(student.state_dict()), stacks, resolved)
@@ -282,11 +345,34 @@ def make_student(
     if getattr(teacher, "generation_config", None) is not None:
         # Beam size, length penalty, forced tokens...: the teacher's way of generating suits its copy too.
         student.generation_config = copy.deepcopy(teacher.generation_config)
-    student.eval()
-    student.hf_kd_teacher_name = teacher_name
-    if output_dir is not None:
-        save_student(student, output_dir, tokenizer=tokenizer, teacher_name=teacher_name, teacher_config=teacher.config)
-    return student
+    return student.eval()
+
+
+def _layers_by_importance(
+    teacher: PreTrainedModel,
+    batches: list[dict[str, torch.Tensor]],
+    encoder_layers: int | None,
+    decoder_layers: int | None,
+    layer_map: Any,
+) -> dict[str, list[int]]:
+    """The layers :func:`hf_kd.student.depth.layers_by_importance` keeps for the counts given, validated."""
+    if layer_map is not None:
+        raise ValueError(
+            "layer_selection='importance' chooses the layers itself; pass encoder_layers / decoder_layers, or drop "
+            "it to copy the layer_map given."
+        )
+    resolve_layer_map(teacher.config, encoder_layers, decoder_layers)  # the counts' own errors first
+    counts = {name: n for name, n in (("encoder", encoder_layers), ("decoder", decoder_layers)) if n is not None}
+    if not counts:
+        raise ValueError(
+            "layer_selection='importance' needs to know how many layers to keep; pass encoder_layers and/or "
+            "decoder_layers."
+        )
+    from hf_kd.student.depth import layers_by_importance  # written beside this module; loaded only when asked
+
+    return {
+        name: sorted(int(i) for i in layers) for name, layers in layers_by_importance(teacher, batches, counts).items()
+    }
 
 
 class StudentSaveError(OSError):
@@ -346,6 +432,10 @@ def _save_into(folder: Path, student: PreTrainedModel, tokenizer: Any, teacher_n
         "layer_map": layer_map,
         "student_layers": {n: int(getattr(student.config, s.count_attribute)) for n, s in stacks.items()},
     }
+    if getattr(student, "hf_kd_layer_selection", None) is not None:
+        record["layer_selection"] = student.hf_kd_layer_selection
+    if getattr(student.config, PRUNING_ATTRIBUTE, None) is not None:
+        record["pruning"] = getattr(student.config, PRUNING_ATTRIBUTE)
     if teacher_config is not None:
         record["teacher_layers"] = {n: int(getattr(teacher_config, s.count_attribute)) for n, s in stacks.items()}
     with open(folder / RECORD_FILE, "w", encoding="utf-8") as f:
