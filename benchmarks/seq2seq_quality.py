@@ -85,6 +85,11 @@ class Plan:
     gpt2_lr: float = 2e-3
     gpt2_vocab: int = 1024
     unigram_vocab: int = 512
+    # Equal-parameter starts (rows rand*, prune*): every one is trained sft_steps; those from the teacher at sft_lr,
+    # the random one at scratch_lr (the from-scratch rows' rate). Sizes are matched to the sft copy's parameters.
+    prune_hidden: int = 128  # width pruning: d_model 192 -> 128 (heads 3 -> 2 of 64), then the FFN that matches
+    depth_decoder_layers: int = 2  # width+depth: 2 of 3 decoder layers by block importance, then the FFN that matches
+    calibration_rows: int = 256
 
 
 SMOKE_PLAN = Plan(
@@ -97,6 +102,8 @@ SMOKE_PLAN = Plan(
     gpt2_vocab=300,
     unigram_vocab=200,
     hidden_layer_map='{"decoder": [[1, 1]]}',
+    prune_hidden=16,
+    calibration_rows=16,
 )
 
 
@@ -115,10 +122,19 @@ class Context:
     """The data, the quickstart teacher and what several rows share (pseudo-labels, cache, GPT-2 teacher), built
     when first needed."""
 
-    def __init__(self, settings: qs.Settings, plan: Plan, cache_dir: Path, work: Path) -> None:
+    def __init__(
+        self, settings: qs.Settings, plan: Plan, cache_dir: Path, work: Path, teacher_dir: Path | None = None
+    ) -> None:
         self.settings, self.plan, self.work = settings, plan, work
         self.data = qs.load_data(settings, cache_dir)  # the seed-0 shuffle: every student sees the same rows
         self.tokenizer, self.teacher, self.teacher_seconds, _ = qs.train_teacher(settings, self.data, cache_dir)
+        self.teacher_record: dict[str, Any] = {}
+        if teacher_dir is not None:  # benchmarks/converged_teacher.py's teacher: the same tokenizer, trained longer
+            from transformers import AutoModelForSeq2SeqLM
+
+            self.teacher = AutoModelForSeq2SeqLM.from_pretrained(teacher_dir).eval()
+            self.teacher_record = json.loads((teacher_dir / "converged_teacher.json").read_text())
+            self.teacher_seconds = self.teacher_record["wall_seconds"]
         self.train = qs.featurize(TASK, self.data["train"], self.tokenizer, settings)
         self.test = qs.featurize(TASK, self.data["test"], self.tokenizer, settings)
         self.references = list(self.data["test"]["target"][: settings.rouge_examples])
@@ -199,15 +215,17 @@ def sft_student(ctx: Context) -> Any:
 
 
 def row_sft(ctx: Context, seed: int, row: str) -> Trained:
+    before = before_training(ctx, "copy", seed)
     start = time.perf_counter()
     args = ctx.args(row, seed, ctx.plan.sft_steps, ctx.plan.sft_lr)
     trainer = Trainer(
         model=sft_student(ctx), args=args, train_dataset=ctx.train, data_collator=qs.collator(ctx.tokenizer)
     )
-    return fit(trainer, start)
+    return fit(trainer, start, **before)
 
 
 def row_sft_kd(ctx: Context, seed: int, row: str) -> Trained:
+    before = before_training(ctx, "copy", seed)
     start = time.perf_counter()
     hidden = {}
     if row == "sft_kd_hidden":
@@ -224,7 +242,7 @@ def row_sft_kd(ctx: Context, seed: int, row: str) -> Trained:
         data_collator=qs.collator(ctx.tokenizer),
         processing_class=ctx.tokenizer,
     )
-    trained = fit(trainer, start)
+    trained = fit(trainer, start, **before)
     if row == "sft_kd":
         ctx.sft_kd[seed] = copy.deepcopy(trained.model)
     return trained
@@ -256,6 +274,95 @@ def row_continue(ctx: Context, seed: int, row: str) -> Trained:
         processing_class=ctx.tokenizer,
     )
     return fit(trainer, start, lmbda=lmbda)
+
+
+# ---- equal-parameter starts: layer copy (sft), width pruning, width + depth, random init ------------------------
+
+
+def parameters_with(ctx: Context, **changes: Any) -> int:
+    """The parameter count of the teacher's architecture with ``changes`` to its config (built on the meta device)."""
+    config = copy.deepcopy(ctx.teacher.config)
+    for name, value in changes.items():
+        setattr(config, name, value)
+    with torch.device("meta"):
+        return type(ctx.teacher)(config).num_parameters()
+
+
+def matched_ffn(ctx: Context, **changes: Any) -> int:
+    """The FFN width that brings a student with ``changes`` closest to the sft copy's parameter count."""
+    target = ctx.memo("sft_params", lambda: sft_student(ctx).num_parameters())
+    counts = {
+        f: parameters_with(ctx, encoder_ffn_dim=f, decoder_ffn_dim=f, **changes)
+        for f in range(8, ctx.teacher.config.encoder_ffn_dim + 1, 8)
+    }
+    return min(counts, key=lambda f: abs(counts[f] - target))
+
+
+def calibration(ctx: Context) -> list[dict[str, torch.Tensor]]:
+    """The first ``calibration_rows`` training rows in batches of 32: what pruning ranks the teacher's parts on."""
+    rows = [ctx.train[i] for i in range(min(ctx.plan.calibration_rows, len(ctx.train)))]
+    collate = qs.collator(ctx.tokenizer)
+    return [collate(rows[i : i + 32]) for i in range(0, len(rows), 32)]
+
+
+def start_model(ctx: Context, start: str, seed: int) -> Any:
+    """A student of the sft copy's parameter count: ``copy`` (sft), ``prune`` (width), ``prune_depth`` (width +
+    depth by block importance) or ``rand`` (the copy's architecture, random init)."""
+    teacher = ctx.teacher.config
+    if start == "copy":
+        return sft_student(ctx)
+    if start == "rand":
+        from transformers import set_seed
+
+        set_seed(seed)
+        return type(ctx.teacher)(copy.deepcopy(sft_student(ctx).config))
+    batches = ctx.memo("calibration", lambda: calibration(ctx))
+    if start == "prune":
+        hidden = min(ctx.plan.prune_hidden, teacher.d_model)
+        heads = teacher.encoder_attention_heads * hidden // teacher.d_model
+        changes = {"d_model": hidden, "encoder_attention_heads": heads, "decoder_attention_heads": heads}
+        width = {"hidden_size": hidden, "num_attention_heads": heads} if hidden < teacher.d_model else {}
+        return make_student(ctx.teacher, intermediate_size=matched_ffn(ctx, **changes), calibration=batches, **width)
+    if start == "prune_depth":
+        layers = ctx.plan.depth_decoder_layers
+        return make_student(
+            ctx.teacher,
+            decoder_layers=layers,
+            layer_selection="importance",
+            intermediate_size=matched_ffn(ctx, decoder_layers=layers),
+            calibration=batches,
+        )
+    raise ValueError(start)
+
+
+def before_training(ctx: Context, start: str, seed: int) -> dict[str, Any]:
+    """ROUGE-L and perplexity of a start before any training (how much of the teacher survives the cut)."""
+    key = f"before_{start}" + (f"_{seed}" if start == "rand" else "")
+
+    def measure() -> dict[str, Any]:
+        found = score(ctx, start_model(ctx, start, seed).eval(), ctx.tokenizer, ctx.test)
+        return {"start_rougeL": found["rougeL"], "start_perplexity": found["perplexity"]}
+
+    return ctx.memo(key, measure)
+
+
+def row_start(ctx: Context, seed: int, row: str) -> Trained:
+    """One equal-parameter start trained ``sft_steps`` on CE (``rand``, ``prune``, ``prune_depth``) or by forward
+    KL (``*_kd``; ``sft_kd_frozen`` also freezes the copy's encoder, so the teacher's encoder pass is skipped)."""
+    frozen = row == "sft_kd_frozen"
+    start_name = "copy" if frozen else row.removesuffix("_kd")
+    before = before_training(ctx, start_name, seed)
+    start = time.perf_counter()
+    model = start_model(ctx, start_name, seed)
+    lr = ctx.plan.scratch_lr if start_name == "rand" else ctx.plan.sft_lr
+    common = {"model": model, "train_dataset": ctx.train, "data_collator": qs.collator(ctx.tokenizer)}
+    if row.endswith("_kd") or frozen:
+        options = kd_options(freeze_encoder=True) if frozen else kd_options()
+        args = ctx.args(row, seed, ctx.plan.sft_steps, lr, **options)
+        trainer = DistillationTrainer(teacher_model=ctx.teacher, processing_class=ctx.tokenizer, args=args, **common)
+    else:
+        trainer = Trainer(args=ctx.args(row, seed, ctx.plan.sft_steps, lr), **common)
+    return fit(trainer, start, **before)
 
 
 def pseudo_labelled_train(ctx: Context) -> Dataset:
@@ -512,6 +619,13 @@ ROWS: dict[str, Row] = {
     "seqkd_ce": Row("T5 from scratch, CE on the teacher's greedy outputs (pseudo-labels)", row_seqkd_ce, "ce"),
     "seqkd_kd": Row("T5 from scratch, KD on targets the teacher samples (seq_kd)", row_seqkd_kd, "ce"),
     "kd_cache": Row("T5 from scratch, KD from a top-64 teacher cache with tail samples", row_kd_cache, "kd"),
+    "rand": Row("the sft copy's architecture from random init, CE (equal parameters)", row_start, "sft"),
+    "rand_kd": Row("same init, KD (forward KL)", row_start, "sft_kd"),
+    "prune": Row("width-pruned teacher (d_model 128, 2 heads, FFN matched; make_student), CE", row_start, "sft"),
+    "prune_kd": Row("same pruned start, KD (forward KL)", row_start, "sft_kd"),
+    "prune_depth": Row("2 of 3 decoder layers by importance + FFN pruned to match, CE", row_start, "sft"),
+    "prune_depth_kd": Row("same start, KD (forward KL)", row_start, "sft_kd"),
+    "sft_kd_frozen": Row("sft copy, KD with freeze_encoder (teacher's encoder pass skipped)", row_start, "sft_kd"),
     "xtok_ce": Row("T5 from scratch with a Unigram tokenizer, CE", row_xtok_ce, None),
     "xtok_kd": Row("same, KD from the GPT-2 byte-level-BPE teacher (cross_tokenizer, alpha 0)", row_xtok_kd, "xtok_ce"),
     "xtok_kd_alpha0.5": Row("same, cross_tokenizer KD with alpha 0.5 (half CE on the labels)", row_xtok_kd, "xtok_ce"),
@@ -681,13 +795,15 @@ def target_lines(results: dict[str, Any]) -> list[str]:
     )
     if n:
         lines.append(f"* KD from scratch beats CE by >= 2 ROUGE-L points and >= 15% perplexity: {ok}/{n} seeds.")
-    sft_rows = [r for r in ("sft", "sft_kd", "sft_kd_hidden", "sft_kd_more", "gkd_0.5", "gkd_1.0") if runs.get(r)]
+    small = ("sft", "sft_kd", "sft_kd_hidden", "sft_kd_more", "gkd_0.5", "gkd_1.0", *EQUAL_PARAMETER_ROWS)
+    sft_rows = [r for r in small if runs.get(r)]
     if teachers.get("teacher", {}).get("rougeL") and sft_rows:
         best = max(sft_rows, key=lambda r: statistics.fmean(x["rougeL"] for x in runs[r].values()))
         ratios = [x["rougeL"] / teachers["teacher"]["rougeL"] for x in runs[best].values()]
         hits = sum(r >= 0.95 for r in ratios)
         lines.append(
-            f"* Best SFT-family student ({best}) keeps >= 95% of the teacher's ROUGE-L: {hits}/{len(ratios)} "
+            f"* Best student with 1/3 of the teacher's decoder layers or their parameter count ({best}) keeps >= 95% "
+            f"of the teacher's ROUGE-L: {hits}/{len(ratios)} "
             f"seeds ({', '.join(f'{100 * r:.1f}%' for r in ratios)})."
         )
     for row in ("xtok_kd", "xtok_kd_alpha0.5"):
@@ -697,6 +813,42 @@ def target_lines(results: dict[str, Any]) -> list[str]:
         if n:
             lines.append(f"* Cross-tokenizer KD ({row}) beats its CE on ROUGE-L and perplexity: {ok}/{n} seeds.")
     return lines
+
+
+EQUAL_PARAMETER_ROWS = ("sft_kd_frozen", "rand", "rand_kd", "prune", "prune_kd", "prune_depth", "prune_depth_kd")
+STARTS = {"copy": ("sft", "sft_kd"), "prune": ("prune", "prune_kd"), "prune_depth": ("prune_depth", "prune_depth_kd"),
+          "rand": ("rand", "rand_kd")}  # fmt: skip
+
+
+def equal_parameter_table(runs: dict[str, Any]) -> list[str]:
+    """One line per start: parameters, quality before training, after CE and after KD (mean over seeds), KD's
+    paired gain over CE, and the KD student's paired difference against the layer copy's."""
+    lines = [
+        "| start | params | before training ROUGE-L / ppl | CE ROUGE-L / ppl | KD ROUGE-L / ppl | KD vs CE | "
+        "KD vs copy KD | seeds |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for start, (ce, kd) in STARTS.items():
+        if not runs.get(ce) or not runs.get(kd):
+            continue
+
+        def mean(row: str, key: str) -> float:
+            return statistics.fmean(r[key] for r in runs[row].values() if key in r)
+
+        before = (
+            f"{mean(ce, 'start_rougeL'):.2f} / {mean(ce, 'start_perplexity'):.1f}"
+            if any("start_rougeL" in r for r in runs[ce].values())
+            else ""
+        )
+        seeds = ",".join(sorted(set(runs[ce]) & set(runs[kd]), key=int))
+        vs_copy = " ".join(paired(runs[kd], runs["sft_kd"])) if start != "copy" and runs.get("sft_kd") else ""
+        lines.append(
+            f"| {start} | {runs[kd][next(iter(runs[kd]))]['params']:,} | {before} | "
+            f"{mean(ce, 'rougeL'):.2f} / {mean(ce, 'perplexity'):.2f} | {mean(kd, 'rougeL'):.2f} / "
+            f"{mean(kd, 'perplexity'):.2f} | {' '.join(paired(runs[kd], runs[ce]))} | "
+            f"{vs_copy} | {seeds} |"
+        )
+    return lines if len(lines) > 2 else []
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -719,6 +871,12 @@ def markdown(results: dict[str, Any]) -> str:
             if name == "teacher"
             else "GPT-2 3 x 192, byte-level BPE, source <sep> target"
         )
+        if name == "teacher" and results.get("teacher_record"):
+            record = results["teacher_record"]
+            what = (
+                f"BART 3+3 x 192 trained until validation ROUGE-L stopped improving (best step {record['best_step']} "
+                f"of {record['steps_run']} run; benchmarks/converged_teacher.py)"
+            )
         lines.append(
             f"| {name} | {what} | - | {entry['rougeL']:.2f} | {entry['perplexity']:.2f} | "
             f"{entry['train_seconds']:.0f} | | | |"
@@ -736,6 +894,10 @@ def markdown(results: dict[str, Any]) -> str:
             f"{spread([v['perplexity'] for v in values], 2)} | {spread([v['train_seconds'] for v in values], 0)} | "
             f"{base or ''} | {gap} | {wins} |"
         )
+    table = equal_parameter_table(runs)
+    if table:
+        lines += ["", "Equal-parameter starts (each trained the same sft_steps; mean over seeds; paired *vs* as above, "
+                  "with wins):", "", *table]  # fmt: skip
     lines += ["", "Targets (per seed):", *target_lines(results), ""]
     for name, entry in teachers.items():
         c = entry["conditioning"]
@@ -776,6 +938,11 @@ def main(argv: list[str] | None = None) -> int:
         "--work-dir",
         default="/tmp/hf_kd_seq2seq_quality",
         help="Trainer output, GPT-2 teacher, pseudo-labels, teacher cache.",
+    )
+    parser.add_argument(
+        "--teacher-dir",
+        default=None,
+        help="A teacher from benchmarks/converged_teacher.py (same tokenizer) instead of the quickstart's.",
     )
     parser.add_argument("--seeds", default="0,1,2", help="Comma-separated student seeds (default 0,1,2).")
     parser.add_argument("--rows", default="all", help=f"Comma-separated rows, or all: {', '.join(ROWS)}.")
@@ -839,7 +1006,10 @@ def run(args: argparse.Namespace, path: Path, rows: list[str], teachers: list[st
     settings = dataclasses.replace(settings, student_steps=plan.scratch_steps)
     work = Path(args.work_dir) / ("smoke" if args.smoke else "full")
     work.mkdir(parents=True, exist_ok=True)
-    ctx = Context(settings, plan, Path(args.cache_dir) if args.cache_dir else default_cache_dir(), work)
+    teacher_dir = Path(args.teacher_dir) if args.teacher_dir else None
+    if teacher_dir is not None and not (teacher_dir / "converged_teacher.json").is_file():
+        return fail(f"--teacher-dir {teacher_dir}: no converged_teacher.json there; make it with converged_teacher.py")
+    ctx = Context(settings, plan, Path(args.cache_dir) if args.cache_dir else default_cache_dir(), work, teacher_dir)
     command = shlex.join(["python", "benchmarks/seq2seq_quality.py", *args.argv])
 
     def begin(results: dict[str, Any]) -> None:
@@ -854,6 +1024,8 @@ def run(args: argparse.Namespace, path: Path, rows: list[str], teachers: list[st
             test_rows=len(ctx.test),
             rouge_rows=len(ctx.references),
         )
+        if ctx.teacher_record:
+            results["teacher_record"] = {k: v for k, v in ctx.teacher_record.items() if k != "settings"}
 
     record(path, begin)
     if teachers:
