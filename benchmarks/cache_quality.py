@@ -170,9 +170,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Training from a top-k cache and SeqKD: quickstart lm task (CPU)",
         "",
-        "Commands: " + ", ".join(f"`{c}`" for c in report["commands"]) + ". "
-        f"{report['train_rows']} training blocks of {s['block_size']} tokens (one epoch, {s['student_steps']} "
-        f"steps of {s['batch_size']}); teacher {s['teacher_layers']}x{s['teacher_width']}, students "
+        common.lm_intro(report) + f"; teacher {s['teacher_layers']}x{s['teacher_width']}, students "
         f"{s['student_layers']}x{s['student_width']}, same seed and data order; alpha 0, T 1 for the KD students; "
         f"{report['test_rows']} test blocks. `name@S`: the student seed S (initialisation and data order; the plain "
         "names use the quickstart's seed 0); *vs online KD* compares with the online-KD student of the same seed. "

@@ -168,6 +168,16 @@ def locked_results(path: Path, markdown: Callable[[dict[str, Any]], str]) -> Ite
         os.close(folder)  # closing releases the lock
 
 
+def lm_intro(report: dict[str, Any]) -> str:
+    """The commands and the lm task's training blocks, as a results table's first sentences begin."""
+    s = report["settings"]
+    return (
+        "Commands: " + ", ".join(f"`{c}`" for c in report["commands"]) + ". "
+        f"{report['train_rows']} training blocks of {s['block_size']} tokens (one epoch, {s['student_steps']} "
+        f"steps of {s['batch_size']})"
+    )
+
+
 # ---- seeds -----------------------------------------------------------------------------------------------------
 
 

@@ -335,9 +335,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Off-policy, on-policy, sequence-level and cross-tokenizer KD: quickstart lm task (CPU)",
         "",
-        "Commands: " + ", ".join(f"`{c}`" for c in report["commands"]) + ". "
-        f"{report['train_rows']} training blocks of {s['block_size']} tokens (one epoch, {s['student_steps']} "
-        f"steps of {s['batch_size']}), the first {report['prompt_tokens']} tokens of each a prompt (labels -100) "
+        common.lm_intro(report) + f", the first {report['prompt_tokens']} tokens of each a prompt (labels -100) "
         f"unless the variant says otherwise; teacher {s['teacher_layers']}x{s['teacher_width']}, students "
         f"{s['student_layers']}x{s['student_width']}; for each seed ({', '.join(map(str, seeds))}) every student "
         f"has the same initialisation and data order. KD students: {report['loss']}, T 1, alpha 0 unless named; "
