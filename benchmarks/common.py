@@ -1,5 +1,6 @@
-"""What the benchmark scripts share: one-line errors and option parsing, the quickstart's training schedule, results
-files (merged under a lock where several processes write one), seed spreads and paired differences, tiny models.
+"""What the benchmark scripts share: one-line errors and option parsing, the quickstart's training schedule and lm
+task, results files (merged under a lock where several processes write one), seed spreads and paired differences,
+and the tiny models of the timing scripts.
 
 The scripts ``import common`` (``python benchmarks/x.py`` puts benchmarks/ first on the path). Nothing here imports
 torch, transformers or hf_kd when the module loads: the timing scripts set their environment before those load.
