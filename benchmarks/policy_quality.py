@@ -322,7 +322,7 @@ def paired_gap(entry: dict[str, Any], base: dict[str, Any]) -> tuple[float, int,
     gaps = common.paired(
         entry.get("runs", {}),
         base.get("runs", {}),
-        lambda run, b: common.percent_change(run["test_perplexity"], b["test_perplexity"]),
+        lambda a, b: common.percent_change(a["test_perplexity"], b["test_perplexity"]),
     )
     return (statistics.fmean(gaps), sum(g < 0 for g in gaps), len(gaps)) if gaps else None
 

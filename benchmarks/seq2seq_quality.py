@@ -634,8 +634,8 @@ def best_alt(results: dict[str, Any]) -> str | None:
 
 def paired(runs: dict[str, Any], base: dict[str, Any]) -> tuple[str, str]:
     """Mean ROUGE-L points and perplexity % against the baseline row over the seeds both ran, and wins/seeds."""
-    rouge = common.paired(runs, base, lambda run, b: run["rougeL"] - b["rougeL"])
-    ppl = common.paired(runs, base, lambda run, b: common.percent_change(run["perplexity"], b["perplexity"]))
+    rouge = common.paired(runs, base, lambda a, b: a["rougeL"] - b["rougeL"])
+    ppl = common.paired(runs, base, lambda a, b: common.percent_change(a["perplexity"], b["perplexity"]))
     if not rouge:
         return "", ""
     wins = sum(r > 0 and p < 0 for r, p in zip(rouge, ppl, strict=True))
