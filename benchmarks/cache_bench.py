@@ -20,7 +20,6 @@ Results go to ``benchmarks/results/cache_cpu.json`` and ``cache_cpu.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -36,9 +35,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import common  # noqa: E402
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from transformers import DataCollatorForSeq2Seq, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast  # noqa: E402
+from transformers import DataCollatorForSeq2Seq, GPT2LMHeadModel  # noqa: E402
 
 from hf_kd.losses import distillation_loss  # noqa: E402
 from hf_kd.losses.chunked import chunked_distillation_loss  # noqa: E402
@@ -55,21 +55,6 @@ WORKLOAD = {
     "student": {"n_layer": 2, "n_embd": 128, "n_head": 4},
     "teacher": {"n_layer": 4, "n_embd": 256, "n_head": 4},
 }
-
-
-def tiny_gpt2(vocab: int, positions: int, seed: int, **shape: Any) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=vocab, n_positions=positions, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, **shape)
-    return GPT2LMHeadModel(config)
-
-
-def tokenizer(vocab: int) -> PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    table = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{f"w{i}": i for i in range(3, vocab)}}
-    backend = Tokenizer(models.WordLevel(vocab=table, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
 def rows(w: dict[str, Any]) -> Dataset:
@@ -96,8 +81,8 @@ def measure_size(
 def step_functions(
     w: dict[str, Any], data: Dataset, cache: CachedTeacher, sampled_cache: CachedTeacher, tok: Any
 ) -> dict[str, Any]:
-    student = tiny_gpt2(w["vocab"], w["seq"], seed=0, **w["student"])
-    teacher = tiny_gpt2(w["vocab"], w["seq"], seed=1, **w["teacher"]).eval().requires_grad_(False)
+    student = common.tiny_gpt2(w["vocab"], w["seq"], seed=0, **w["student"])
+    teacher = common.tiny_gpt2(w["vocab"], w["seq"], seed=1, **w["teacher"]).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
     collate = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
     cached_rows = cache.attach(data, tokenizer=tok)
@@ -196,9 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
     w = WORKLOAD
-    tok = tokenizer(w["vocab"])
+    tok = common.word_tokenizer(w["vocab"])
     data = rows(w)
-    teacher = tiny_gpt2(w["vocab"], w["seq"], seed=1, **w["teacher"])
+    teacher = common.tiny_gpt2(w["vocab"], w["seq"], seed=1, **w["teacher"])
     sizes = {}
     with tempfile.TemporaryDirectory() as tmp:
         # The training cache (k = 64, every row), then the other k on a few rows: bytes per token barely
@@ -212,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         cache, sampled = CachedTeacher(Path(tmp) / "train"), CachedTeacher(Path(tmp) / "sampled")
         steps = time_steps(step_functions(w, data, cache, sampled, tok), args.warmup, args.repeats)
     result = {
-        "command": "python benchmarks/cache_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": common.command_line("cache_bench.py", argv),
         "workload": w,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -223,10 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             name: entry["step_s_median"] / steps["ce_only"]["step_s_median"] for name, entry in steps.items()
         },
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "cache_cpu.json").write_text(json.dumps(result, indent=1))
-    (out / "cache_cpu.md").write_text(markdown(result))
+    common.write_results(Path(args.out), "cache_cpu", result, markdown(result))
     print(markdown(result))
     return 0
 

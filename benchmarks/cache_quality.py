@@ -18,7 +18,6 @@ Results: benchmarks/results/cache_quality.json / .md.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import re
 import statistics
@@ -30,9 +29,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import common  # noqa: E402
 import numpy as np  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from transformers import AutoTokenizer, GPT2LMHeadModel, Trainer  # noqa: E402
+from transformers import Trainer  # noqa: E402
 
 from hf_kd import DistillationConfig, DistillationTrainer  # noqa: E402
 from hf_kd import quickstart as qs  # noqa: E402
@@ -44,24 +44,7 @@ from hf_kd.teachers.pseudo_label import assemble, generate_pseudo_labels  # noqa
 
 def training_args(output_dir: Path, settings: Any, seed: int, **extra: Any) -> DistillationConfig:
     """The quickstart's student schedule, without evaluation during training (the test set scores at the end)."""
-    return DistillationConfig(
-        output_dir=str(output_dir),
-        max_steps=settings.student_steps,
-        per_device_train_batch_size=settings.batch_size,
-        learning_rate=settings.student_lr,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, settings.student_steps // 20),
-        weight_decay=0.0,
-        logging_steps=max(1, settings.student_steps // 8),
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=seed,
-        data_seed=seed,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        **extra,
-    )
+    return common.training_args(output_dir, settings, settings.student_steps, settings.student_lr, seed=seed, **extra)
 
 
 def seqkd_rows(teacher: Any, tokenizer: Any, train: Dataset, settings: Any, folder: Path, prompt: int) -> Dataset:
@@ -113,29 +96,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true", help="Rewrite the .md from the .json in --out.")
     args = parser.parse_args(argv)
     if args.report_only:
-        report = json.loads((Path(args.out) / "cache_quality.json").read_text())
-        (Path(args.out) / "cache_quality.md").write_text(markdown(report))
+        common.rewrite_markdown(Path(args.out) / "cache_quality.json", markdown)
         return 0
     if args.cache_dir is None:
         parser.error("--cache-dir is required")
-    command = argv if argv is not None else sys.argv[1:]
-    settings = qs.Settings(
-        task="lm", block_size=64, teacher_width=128, teacher_steps=300, student_width=128,
-        student_steps=args.student_steps, max_test_docs=300,
-    )  # fmt: skip
+    # --teacher-dir: a teacher the quickstart trained earlier (its cache key may have changed since)
+    settings, _, tokenizer, teacher, train, test = common.lm_task(
+        Path(args.cache_dir), args.student_steps, args.teacher_dir
+    )
     work = Path(args.work_dir)
-    data = qs.load_data(settings, Path(args.cache_dir))
-    if args.teacher_dir:  # a teacher the quickstart trained earlier (its cache key may have changed since)
-        tokenizer = AutoTokenizer.from_pretrained(args.teacher_dir)
-        teacher = GPT2LMHeadModel.from_pretrained(args.teacher_dir)
-    else:
-        tokenizer, teacher, _, _ = qs.train_teacher(settings, data, Path(args.cache_dir))
-    teacher.eval()
-    # The report names the teacher actually used (a --teacher-dir one may differ from today's defaults).
-    settings = dataclasses.replace(settings, teacher_layers=teacher.config.n_layer, teacher_width=teacher.config.n_embd)
-    train = qs.featurize("lm", data["train"], tokenizer, settings)
-    train = train.select(range(min(len(train), settings.student_steps * settings.batch_size)))  # one epoch
-    test = qs.featurize("lm", data["test"], tokenizer, settings)
     collate = qs.collator(tokenizer)
     out = Path(args.out)
     previous = json.loads((out / "cache_quality.json").read_text()) if args.merge else {}
@@ -147,15 +116,15 @@ def main(argv: list[str] | None = None) -> int:
         name = variant if student_seed is None else f"{variant}@{student_seed}"
         seed = settings.seed if student_seed is None else student_seed
         student = qs.build_model(tokenizer, settings.student_layers, settings.student_width, settings, seed)
-        common = {"model": student, "data_collator": collate, "processing_class": tokenizer}
+        parts = {"model": student, "data_collator": collate, "processing_class": tokenizer}
         kd = {"loss": "forward_kl", "temperature": 1.0, "alpha": 0.0}
         extra: dict[str, Any] = {}
         if variant == "ce":
             targs = training_args(work / variant, settings, seed)
-            trainer = Trainer(args=targs, train_dataset=train, **common)
+            trainer = Trainer(args=targs, train_dataset=train, **parts)
         elif variant == "kd_online":
             targs = training_args(work / variant, settings, seed, **kd)
-            trainer = DistillationTrainer(teacher_model=teacher, args=targs, train_dataset=train, **common)
+            trainer = DistillationTrainer(teacher_model=teacher, args=targs, train_dataset=train, **parts)
         elif match := re.fullmatch(r"kd_cache_k(\d+)(?:_s(\d+))?(_uniform)?", variant):
             k, samples = int(match[1]), int(match[2] or 0)
             tail = "uniform" if match[3] else ("sampled" if samples else "bucket")
@@ -167,13 +136,13 @@ def main(argv: list[str] | None = None) -> int:
             extra["teacher_top_k_mass"] = top_k_mass(cache)
             extra["bytes_per_target_token"] = cache_size(folder)["bytes_per_target_token"]
             targs = training_args(work / variant, settings, seed, teacher_cache_tail=tail, **kd)
-            trainer = DistillationTrainer(teacher_cache=cache, args=targs, train_dataset=train, **common)
+            trainer = DistillationTrainer(teacher_cache=cache, args=targs, train_dataset=train, **parts)
         elif variant == "seqkd":
             t0 = time.perf_counter()
             rows = seqkd_rows(teacher, tokenizer, train, settings, work / "pseudo", prompt=16)
             extra["pseudo_label_s"] = time.perf_counter() - t0
             targs = training_args(work / variant, settings, seed)
-            trainer = Trainer(args=targs, train_dataset=rows, **common)
+            trainer = Trainer(args=targs, train_dataset=rows, **parts)
         else:
             raise ValueError(variant)
         trainer.train()
@@ -183,16 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "commands": [
             *previous.get("commands", []),
-            " ".join(["python benchmarks/cache_quality.py", *command]),
+            common.command_line("cache_quality.py", argv),
         ],
         "settings": vars(settings),
         "train_rows": len(train),
         "test_rows": len(test),
         "results": results,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "cache_quality.json").write_text(json.dumps(report, indent=1))
-    (out / "cache_quality.md").write_text(markdown(report))
+    common.write_results(out, "cache_quality", report, markdown(report))
     print(markdown(report))
     return 0
 
@@ -203,9 +170,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Training from a top-k cache and SeqKD: quickstart lm task (CPU)",
         "",
-        "Commands: " + ", ".join(f"`{c}`" for c in report["commands"]) + ". "
-        f"{report['train_rows']} training blocks of {s['block_size']} tokens (one epoch, {s['student_steps']} "
-        f"steps of {s['batch_size']}); teacher {s['teacher_layers']}x{s['teacher_width']}, students "
+        common.lm_intro(report) + f"; teacher {s['teacher_layers']}x{s['teacher_width']}, students "
         f"{s['student_layers']}x{s['student_width']}, same seed and data order; alpha 0, T 1 for the KD students; "
         f"{report['test_rows']} test blocks. `name@S`: the student seed S (initialisation and data order; the plain "
         "names use the quickstart's seed 0); *vs online KD* compares with the online-KD student of the same seed. "
@@ -219,9 +184,9 @@ def markdown(report: dict[str, Any]) -> str:
         ppl = entry["test_perplexity"]
         variant, _, seed = name.partition("@")
         online = results.get("kd_online" + (f"@{seed}" if seed else ""), {}).get("test_perplexity")
-        gap = f"{100 * (ppl - online) / online:+.1f}%" if online and name.startswith("kd_cache") else ""
+        gap = f"{common.percent_change(ppl, online):+.1f}%" if online and name.startswith("kd_cache") else ""
         if gap:
-            gaps.setdefault(variant, []).append(100 * (ppl - online) / online)
+            gaps.setdefault(variant, []).append(common.percent_change(ppl, online))
         mass = f"{entry['teacher_top_k_mass']:.3f}" if "teacher_top_k_mass" in entry else ""
         seconds = f"{entry['seconds']:.0f}" if "seconds" in entry else ""
         size = f"{entry['bytes_per_target_token']:.0f}" if "bytes_per_target_token" in entry else ""

@@ -48,13 +48,13 @@ DEFAULT_ARMS = ("1 process", "2 workers")
 def _inputs(folder: Path, scale: float) -> dict[str, Any]:
     """A random-weight GPT-2 teacher with a word-level tokenizer, a tokenised and a text data set."""
     import torch
+    from common import tiny_gpt2, word_tokenizer
     from datasets import Dataset
-    from run import _tiny_gpt2, _tokenizer
 
     w = WORKLOAD
-    tok = _tokenizer(w["vocab"])
+    tok = word_tokenizer(w["vocab"])
     seq = max(w["cache"]["tokens"], w["labels"]["source_tokens"] + w["labels"]["new_tokens"])
-    _tiny_gpt2(w["vocab"], seq, seed=0, **w["teacher"]).save_pretrained(folder / "teacher")
+    tiny_gpt2(w["vocab"], seq, seed=0, **w["teacher"]).save_pretrained(folder / "teacher")
     tok.save_pretrained(folder / "teacher")
     g = torch.Generator().manual_seed(0)
     rows = max(2, int(w["cache"]["rows"] * scale))

@@ -13,7 +13,6 @@ its mixture). Results: ``benchmarks/results/ensemble_quality.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -25,6 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import common  # noqa: E402
 import torch  # noqa: E402
 
 from hf_kd import quickstart as qs  # noqa: E402
@@ -139,10 +139,8 @@ def main() -> int:
         "",
     ]
     stem = "ensemble_quality_smoke" if args.smoke else "ensemble_quality"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps({"settings": vars(main_settings), "results": results}, indent=2))
-    (out / f"{stem}.md").write_text("\n".join(lines))
+    report = {"settings": vars(main_settings), "results": results}
+    common.write_results(Path(args.out), stem, report, "\n".join(lines))
     print("\n".join(lines))
     return 0
 

@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import common  # noqa: E402
 import run  # noqa: E402  (the step workload, its models, batch, trainers and memory meter)
 
 ARMS = ("ce_only", "teacher_forward", "default", "chunked", "fused", "trl_gkd")
@@ -58,24 +59,10 @@ GOAL = 1.05
 
 def build_step(arm: str, device: str) -> tuple[Any, dict[str, Any]]:
     """The step function of ``arm`` on run.py's workload, and what it resolved to (the path the default took)."""
-    import torch
-
-    w = run.STEP_WORKLOAD
-    student = run._tiny_gpt2(w["vocab"], w["seq"], seed=0, **w["student"])
-    teacher = run._tiny_gpt2(w["vocab"], w["seq"], seed=1, **w["teacher"])
-    tokenizer = run._tokenizer(w["vocab"])
-    batch = run._batch(w, device)
-    num_items = batch["labels"][:, 1:].ne(-100).sum()
+    student, teacher, tokenizer, batch = run._step_workload(device)
     info: dict[str, Any] = {}
     if arm == "teacher_forward":
-        teacher.to(device, dtype=torch.bfloat16 if device == "cuda" else torch.float32).eval()
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-
-        def forward() -> None:
-            with torch.inference_mode():
-                teacher(**inputs)
-
-        return forward, info
+        return run._teacher_forward(teacher, batch, device), info
     if arm in HF_KD_FIELDS:
         from hf_kd import DistillationConfig, DistillationTrainer
 
@@ -87,13 +74,7 @@ def build_step(arm: str, device: str) -> tuple[Any, dict[str, Any]]:
         info = {"fused": s.fuse_output_layer, "loss_chunk_size": s.chunk_size, "loss_chunk_mib": s.chunk_mib}
     else:
         trainer = run._make_trainer(arm, student, teacher, tokenizer, device)  # ce_only, trl_gkd: run.py's variants
-    model = trainer.model
-
-    def step() -> None:
-        trainer.training_step(model, dict(batch), num_items)
-        model.zero_grad(set_to_none=True)
-
-    return step, info
+    return run._training_step(trainer, batch), info
 
 
 def serve(arm: str, device: str, warmup: int) -> None:
@@ -301,16 +282,10 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here; run on a GPU machine or use --device cpu")
     args.rounds = args.rounds or (2 if args.smoke else 7)
-    out = (
-        Path(args.out)
-        if args.out
-        else Path(tempfile.mkdtemp(prefix="floor_"))
-        if args.smoke
-        else ROOT / "benchmarks" / "results"
-    )
+    out = common.results_folder(args.out, args.smoke, "floor_")
     started = time.perf_counter()
     report: dict[str, Any] = {
-        "command": "python " + " ".join(sys.argv),
+        "command": common.command_line("floor.py"),
         "environment": run._environment(args.device, args.threads),
         "workload": run.STEP_WORKLOAD,
         "rounds": args.rounds,
@@ -321,12 +296,9 @@ def main() -> None:
     report["environment"]["load_average_after"] = os.getloadavg()
     report["wall_s"] = time.perf_counter() - started
     report["summary"] = summarize(report["per_round"])
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"floor_{args.device}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(report))
+    path = common.write_results(out, f"floor_{args.device}", report, markdown(report))
     print(markdown(report))
-    print(f"wrote {stem}.json and .md")
+    print(f"wrote {path} and .md")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -50,6 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import common  # noqa: E402
 from run import Meter as RunMeter  # noqa: E402  (the step benchmark's memory meter: VmHWM, or CUDA's peak)
 from run import _environment as run_environment  # noqa: E402
 
@@ -134,38 +134,18 @@ class Meter(RunMeter):
         """Call once the inputs exist: the baseline of the ``ru_maxrss`` fallback."""
         self.inputs_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
-    def reset(self) -> int:
-        """Start a region; returns the memory in use now, the region's baseline."""
-        import torch
-
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            return torch.cuda.memory_allocated()
+    def _reset_cpu(self) -> int:
         if self.method.startswith("VmHWM"):
             try:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
-                return self._rss("VmRSS:")
+                return super()._reset_cpu()
             except OSError:
                 self.method = "ru_maxrss growth"
         return self.inputs_maxrss
 
-    def peak(self) -> int:
-        import torch
-
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated()
+    def _peak_cpu(self) -> int:
         if self.method.startswith("VmHWM"):
-            return self._rss("VmHWM:")
+            return super()._peak_cpu()
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-    def sync(self) -> None:
-        import torch
-
-        if self.device == "cuda":
-            torch.cuda.synchronize()
 
 
 def make_inputs(path: str, vocab: int, tokens: int, hidden: int, device: str, dtype: torch.dtype) -> dict[str, Any]:
@@ -393,8 +373,7 @@ def _environment(device: str, threads: int) -> dict[str, Any]:
 
 
 def _fail(message: str) -> None:
-    print(f"loss_scaling.py: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(common.fail("loss_scaling.py", message))
 
 
 def _int_list(text: str) -> list[int]:
@@ -476,14 +455,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.chunk_mib is not None:
         w["chunk_mib"] = args.chunk_mib or None
     paths = [p for p in PATHS if p in args.paths.split(",")]
-    out = (
-        Path(args.out)
-        if args.out
-        else (Path(tempfile.mkdtemp(prefix="loss_scaling_")) if args.smoke else ROOT / "benchmarks" / "results")
-    )
+    out = common.results_folder(args.out, args.smoke, "loss_scaling_")
     started = time.perf_counter()
     report: dict[str, Any] = {
-        "command": "python " + " ".join(sys.argv),
+        "command": common.command_line("loss_scaling.py"),
         "environment": _environment(args.device, args.threads),
         "workload": {
             **w,
@@ -509,14 +484,11 @@ def main(argv: list[str] | None = None) -> None:
 
 def write_outputs(report: dict[str, Any], out: Path) -> None:
     """``loss_scaling_<device>.json``, ``.md`` and ``.png`` in ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"loss_scaling_{report['environment']['device']}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     text = markdown(report)
-    stem.with_suffix(".md").write_text(text)
-    plot(report, stem.with_suffix(".png"))
+    path = common.write_results(out, f"loss_scaling_{report['environment']['device']}", report, text)
+    plot(report, path.with_suffix(".png"))
     print(text)
-    print(f"wrote {stem}.json, .md, .png")
+    print(f"wrote {path}, .md, .png")
 
 
 def _point(report: dict[str, Any], vocab: int, tokens: int, path: str) -> dict[str, Any]:

@@ -38,11 +38,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import common  # noqa: E402
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import AutoTokenizer, GPT2LMHeadModel, PreTrainedTokenizerFast, Trainer  # noqa: E402
 
-from hf_kd import DistillationConfig, DistillationTrainer  # noqa: E402
+from hf_kd import DistillationTrainer  # noqa: E402
 from hf_kd import quickstart as qs  # noqa: E402
 from hf_kd.losses import IGNORE_INDEX  # noqa: E402
 from hf_kd.metrics import cross_entropy_sum  # noqa: E402
@@ -56,13 +57,6 @@ VARIANTS = [
     "kd_cross_tokenizer_same_teacher", "kd_off_policy_alpha0.5", "kd_cross_tokenizer_alpha0.5",
 ]  # fmt: skip
 OTHER_VOCAB = 4096
-
-
-def training_args(output_dir: Path, settings: Any, steps: int, lr: float, **extra: Any) -> DistillationConfig:
-    """The quickstart's schedule (cosine, 5% warm-up, no weight decay), without evaluation during training."""
-    return qs.training_args(
-        output_dir, settings, steps, lr, logging_steps=max(1, steps // 8), disable_tqdm=True, **extra
-    )
 
 
 def with_prompt(blocks: Dataset, prompt: int) -> Dataset:
@@ -96,7 +90,7 @@ def other_teacher(settings: Any, data: Any, folder: Path) -> tuple[Any, Any, flo
     tokenizer = unigram_tokenizer(qs.tokenizer_texts("lm", data["train"]), OTHER_VOCAB)
     train = qs.featurize("lm", data["train"], tokenizer, settings)
     teacher = qs.build_model(tokenizer, settings.teacher_layers, settings.teacher_width, settings, settings.seed + 1)
-    args = training_args(folder / "run", settings, settings.teacher_steps, settings.teacher_lr)
+    args = common.training_args(folder / "run", settings, settings.teacher_steps, settings.teacher_lr)
     Trainer(model=teacher, args=args, train_dataset=train, data_collator=qs.collator(tokenizer)).train()
     seconds = time.perf_counter() - start
     teacher.save_pretrained(folder)
@@ -136,12 +130,6 @@ def score(model: Any, test: Dataset, tokenizer: Any) -> dict[str, float]:
 def on_policy_steps(seed: int, steps: int, lmbda: float) -> int:
     """How many steps DistillationTrainer makes on-policy (its draw: hf_kd.trainer._target_writer)."""
     return sum(random.Random(f"{seed}-{step}").random() < lmbda for step in range(steps))
-
-
-def last_train_log(trainer: Any) -> dict[str, float]:
-    logs = [log for log in trainer.state.log_history if "loss" in log]
-    keep = ("loss", "kd_loss", "ce_loss", "teacher_agreement")
-    return {k: v for k, v in logs[-1].items() if k in keep} if logs else {}
 
 
 @dataclasses.dataclass
@@ -188,7 +176,7 @@ def run_variant(variant: str, seed: int, setup: Setup) -> dict[str, Any]:
     tokenizer, collate = setup.tokenizer, qs.collator(setup.tokenizer)
     start = time.perf_counter()
     student = qs.build_model(tokenizer, settings.student_layers, settings.student_width, settings, seed)
-    common = {"model": student, "processing_class": tokenizer}
+    parts = {"model": student, "processing_class": tokenizer}
     schedule = (setup.work / f"{variant}_seed{seed}", settings, settings.student_steps, settings.student_lr)
     kd = {"loss": setup.loss, "temperature": 1.0, "alpha": 0.0, "max_new_tokens": settings.block_size - PROMPT}
     if variant.endswith("_alpha0.5"):
@@ -196,7 +184,7 @@ def run_variant(variant: str, seed: int, setup: Setup) -> dict[str, Any]:
     extra: dict[str, Any] = {}
     if variant in ("ce", "ce_all_targets"):
         train = setup.prompted if variant == "ce" else setup.blocks
-        trainer = Trainer(args=training_args(*schedule), train_dataset=train, data_collator=collate, **common)
+        trainer = Trainer(args=common.training_args(*schedule), train_dataset=train, data_collator=collate, **parts)
     elif variant.startswith("kd_cross_tokenizer"):
         cross = {
             "cross_tokenizer": True, "cross_tokenizer_text_column": "text", "cross_tokenizer_prompt_column": "prompt",
@@ -204,8 +192,8 @@ def run_variant(variant: str, seed: int, setup: Setup) -> dict[str, Any]:
         }  # fmt: skip
         trainer = DistillationTrainer(
             teacher_model=setup.cross["teacher"], teacher_processing_class=setup.cross["tokenizer"],
-            args=training_args(*schedule, **kd, **cross), train_dataset=setup.cross["rows"],
-            data_collator=setup.cross["collator"], **common,
+            args=common.training_args(*schedule, **kd, **cross), train_dataset=setup.cross["rows"],
+            data_collator=setup.cross["collator"], **parts,
         )  # fmt: skip
     else:
         train = setup.blocks if variant.endswith("_all_targets") else setup.prompted
@@ -216,8 +204,8 @@ def run_variant(variant: str, seed: int, setup: Setup) -> dict[str, Any]:
             kd["seq_kd"] = True
             kd["alpha"] = 1.0 if variant == "seqkd_ce" else 0.0
         trainer = DistillationTrainer(
-            teacher_model=setup.teacher, args=training_args(*schedule, **kd), train_dataset=train,
-            data_collator=collate, **common,
+            teacher_model=setup.teacher, args=common.training_args(*schedule, **kd), train_dataset=train,
+            data_collator=collate, **parts,
         )  # fmt: skip
     trainer.train()
     seconds = time.perf_counter() - start
@@ -225,7 +213,7 @@ def run_variant(variant: str, seed: int, setup: Setup) -> dict[str, Any]:
         **score(student, setup.test, tokenizer),
         "seconds": seconds,
         **extra,
-        "last_train_log": last_train_log(trainer),
+        "last_train_log": common.last_train_log(trainer),
     }
 
 
@@ -259,23 +247,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     if args.report_only:
-        (out / f"{args.name}.md").write_text(markdown(json.loads((out / f"{args.name}.json").read_text())))
+        common.rewrite_markdown(out / f"{args.name}.json", markdown)
         return 0
     if args.cache_dir is None or args.teacher_dir is None:
         parser.error("--cache-dir and --teacher-dir are required")
     torch.set_num_threads(args.threads)
-    command = argv if argv is not None else sys.argv[1:]
-    settings = qs.Settings(
-        task="lm", block_size=64, teacher_width=128, teacher_steps=300, student_width=128,
-        student_steps=args.student_steps, max_test_docs=300,
-    )  # fmt: skip
-    data = qs.load_data(settings, Path(args.cache_dir))  # the seed-0 shuffle for every student: the same blocks
-    tokenizer = AutoTokenizer.from_pretrained(args.teacher_dir)
-    teacher = GPT2LMHeadModel.from_pretrained(args.teacher_dir).eval()
-    settings = dataclasses.replace(settings, teacher_layers=teacher.config.n_layer, teacher_width=teacher.config.n_embd)
-    blocks = qs.featurize("lm", data["train"], tokenizer, settings)
-    blocks = blocks.select(range(min(len(blocks), settings.student_steps * settings.batch_size)))  # one epoch
-    test = qs.featurize("lm", data["test"], tokenizer, settings)
+    settings, data, tokenizer, teacher, blocks, test = common.lm_task(
+        Path(args.cache_dir), args.student_steps, args.teacher_dir
+    )
     setup = Setup(
         settings, tokenizer, teacher, blocks, with_prompt(blocks, PROMPT), test, Path(args.work_dir), args.loss
     )
@@ -283,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = previous.get("results", {})
     results["teacher"] = score(teacher, test, tokenizer)
     report = {
-        "commands": [*previous.get("commands", []), " ".join(["python benchmarks/policy_quality.py", *command])],
+        "commands": [*previous.get("commands", []), common.command_line("policy_quality.py", argv)],
         "settings": vars(settings),
         "loss": args.loss,
         "prompt_tokens": PROMPT,
@@ -315,9 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             runs[seed] = run_variant(variant, seed, setup)
             print(json.dumps({variant: {"seed": seed, **runs[seed]}}), flush=True)
         results[variant] = {**summarize(runs), **info}
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"{args.name}.json").write_text(json.dumps(report, indent=1))
-        (out / f"{args.name}.md").write_text(markdown(report))
+        common.write_results(out, args.name, report, markdown(report))
     print(markdown(report))
     return 0
 
@@ -342,11 +319,12 @@ DESCRIPTIONS = {
 
 def paired_gap(entry: dict[str, Any], base: dict[str, Any]) -> tuple[float, int, int] | None:
     """Mean over the seeds both ran of the % perplexity change against ``base``, and in how many it was lower."""
-    seeds = sorted(set(entry.get("runs", {})) & set(base.get("runs", {})))
-    if not seeds:
-        return None
-    gaps = [100 * (entry["runs"][s]["test_perplexity"] / base["runs"][s]["test_perplexity"] - 1) for s in seeds]
-    return statistics.fmean(gaps), sum(g < 0 for g in gaps), len(gaps)
+    gaps = common.paired(
+        entry.get("runs", {}),
+        base.get("runs", {}),
+        lambda a, b: common.percent_change(a["test_perplexity"], b["test_perplexity"]),
+    )
+    return (statistics.fmean(gaps), sum(g < 0 for g in gaps), len(gaps)) if gaps else None
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -357,9 +335,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Off-policy, on-policy, sequence-level and cross-tokenizer KD: quickstart lm task (CPU)",
         "",
-        "Commands: " + ", ".join(f"`{c}`" for c in report["commands"]) + ". "
-        f"{report['train_rows']} training blocks of {s['block_size']} tokens (one epoch, {s['student_steps']} "
-        f"steps of {s['batch_size']}), the first {report['prompt_tokens']} tokens of each a prompt (labels -100) "
+        common.lm_intro(report) + f", the first {report['prompt_tokens']} tokens of each a prompt (labels -100) "
         f"unless the variant says otherwise; teacher {s['teacher_layers']}x{s['teacher_width']}, students "
         f"{s['student_layers']}x{s['student_width']}; for each seed ({', '.join(map(str, seeds))}) every student "
         f"has the same initialisation and data order. KD students: {report['loss']}, T 1, alpha 0 unless named; "

@@ -36,6 +36,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import common  # noqa: E402
 import torch  # noqa: E402
 
 from hf_kd import DistillationTrainer  # noqa: E402
@@ -136,10 +137,8 @@ def build_cache(teacher_dir: str, train_dir: Path, output: Path, quantization: s
 
 def train_student(cache: Path, train: Any, tokenizer: Any, settings: Any, work: Path, steps: int) -> Any:
     student = qs.build_model(tokenizer, settings.student_layers, settings.student_width, settings, settings.seed, "t5")
-    args = qs.training_args(
-        work / f"student_{cache.name}", settings, steps, STUDENT_LR, logging_steps=max(1, steps // 4),
-        disable_tqdm=True, loss="forward_kl", temperature=1.0, alpha=0.0,
-    )  # fmt: skip
+    kd = {"loss": "forward_kl", "temperature": 1.0, "alpha": 0.0}
+    args = common.training_args(work / f"student_{cache.name}", settings, steps, STUDENT_LR, logs=4, **kd)
     trainer = DistillationTrainer(
         model=student,
         teacher_cache=str(cache),
@@ -179,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         train.save_to_disk(str(train_dir))
 
     report: dict[str, Any] = {
-        "command": " ".join(["python benchmarks/quantized_teacher.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": common.command_line("quantized_teacher.py", argv),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads 1",
         "quantization": QUANTIZATION,
         "teacher": teacher_dir,
@@ -211,11 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         report["students"][name] = {**scores, "seconds": time.perf_counter() - start}
         print(json.dumps({name: report["students"][name]}), flush=True)
 
-    out = Path(args.out)
     stem = "quantized_teacher_smoke" if args.smoke else "quantized_teacher"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / f"{stem}.md").write_text(markdown(report))
+    common.write_results(Path(args.out), stem, report, markdown(report))
     print(markdown(report))
     return 0
 

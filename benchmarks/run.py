@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,8 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+import common  # noqa: E402
 
 # ---- the workload ----------------------------------------------------------------------------------------------
 
@@ -105,9 +108,7 @@ class Meter:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             return torch.cuda.memory_allocated()
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current resident set
-        return self._rss("VmRSS:")
+        return self._reset_cpu()
 
     def peak(self) -> int:
         import torch
@@ -115,6 +116,14 @@ class Meter:
         if self.device == "cuda":
             torch.cuda.synchronize()
             return torch.cuda.max_memory_allocated()
+        return self._peak_cpu()
+
+    def _reset_cpu(self) -> int:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set
+        return self._rss("VmRSS:")
+
+    def _peak_cpu(self) -> int:
         return self._rss("VmHWM:")
 
     def sync(self) -> None:
@@ -122,26 +131,6 @@ class Meter:
 
         if self.device == "cuda":
             torch.cuda.synchronize()
-
-
-def _tiny_gpt2(vocab: int, seq: int, seed: int, **sizes: int):
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=vocab, n_positions=seq, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **sizes)
-    return GPT2LMHeadModel(config)
-
-
-def _tokenizer(vocab: int):
-    """A word-level tokenizer over ``vocab`` made-up tokens (no Hub access); only its ids matter here."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    table = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{f"w{i}": i for i in range(3, vocab)}}
-    backend = Tokenizer(models.WordLevel(vocab=table, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
 def _batch(w: dict[str, Any], device: str) -> dict[str, Any]:
@@ -188,35 +177,46 @@ def _training_args(cls, device: str, **kwargs: Any):
     )
 
 
-def _step_worker(variant: str, device: str, warmup: int, steps: int) -> dict[str, Any]:
+def _step_workload(device: str) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """The step workload's student, teacher, tokenizer and batch (on ``device``)."""
+    w = STEP_WORKLOAD
+    student = common.tiny_gpt2(w["vocab"], w["seq"], seed=0, **w["student"])
+    teacher = common.tiny_gpt2(w["vocab"], w["seq"], seed=1, **w["teacher"])
+    return student, teacher, common.word_tokenizer(w["vocab"]), _batch(w, device)
+
+
+def _teacher_forward(teacher: Any, batch: dict[str, Any], device: str) -> Callable[[], None]:
+    """The teacher's forward pass on the batch, under ``inference_mode`` (bf16 on GPUs)."""
     import torch
 
-    w = STEP_WORKLOAD
-    meter = Meter(device)
-    student = _tiny_gpt2(w["vocab"], w["seq"], seed=0, **w["student"])
-    teacher = _tiny_gpt2(w["vocab"], w["seq"], seed=1, **w["teacher"])
-    tokenizer = _tokenizer(w["vocab"])
-    batch = _batch(w, device)
-    num_items = batch["labels"][:, 1:].ne(-100).sum()
+    teacher.to(device, dtype=torch.bfloat16 if device == "cuda" else torch.float32).eval()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
 
-    if variant == "teacher_forward":
-        teacher.to(device, dtype=torch.bfloat16 if device == "cuda" else torch.float32).eval()
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
+    def forward() -> None:
+        with torch.inference_mode():
+            teacher(**inputs)
 
-        def step() -> None:
-            with torch.inference_mode():
-                teacher(**inputs)
+    return forward
 
-        return _time_steps(step, meter, warmup, steps)
 
-    trainer = _make_trainer(variant, student, teacher, tokenizer, device)
-    model = trainer.model
+def _training_step(trainer: Any, batch: dict[str, Any]) -> Callable[[], None]:
+    """``Trainer.training_step`` on the batch (forward, loss, backward), then ``zero_grad``; no optimizer step."""
+    model, num_items = trainer.model, batch["labels"][:, 1:].ne(-100).sum()
 
     def step() -> None:
         trainer.training_step(model, dict(batch), num_items)
         model.zero_grad(set_to_none=True)
 
-    return _time_steps(step, meter, warmup, steps)
+    return step
+
+
+def _step_worker(variant: str, device: str, warmup: int, steps: int) -> dict[str, Any]:
+    student, teacher, tokenizer, batch = _step_workload(device)
+    if variant == "teacher_forward":
+        step = _teacher_forward(teacher, batch, device)
+    else:
+        step = _training_step(_make_trainer(variant, student, teacher, tokenizer, device), batch)
+    return _time_steps(step, Meter(device), warmup, steps)
 
 
 def _make_trainer(variant: str, student, teacher, tokenizer, device: str):
@@ -387,8 +387,8 @@ def _cache_worker(device: str) -> dict[str, Any]:
     meter = Meter(device)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        _tiny_gpt2(w["vocab"], w["seq"], seed=1, **w["teacher"]).save_pretrained(folder / "teacher")
-        _tokenizer(w["vocab"]).save_pretrained(folder / "teacher")
+        common.tiny_gpt2(w["vocab"], w["seq"], seed=1, **w["teacher"]).save_pretrained(folder / "teacher")
+        common.word_tokenizer(w["vocab"]).save_pretrained(folder / "teacher")
         g = torch.Generator().manual_seed(0)
         rows = torch.randint(3, w["vocab"], (w["rows"], w["seq"]), generator=g).tolist()
         Dataset.from_dict({"input_ids": rows}).save_to_disk(folder / "data")
@@ -510,11 +510,11 @@ def main() -> None:
         sys.exit("--device cuda: no CUDA device here.")
     sections = set(args.only.split(",")) if args.only else {"steps", "loss"}
     chosen = set(args.variants.split(",")) if args.variants else set(STEP_VARIANTS + LOSS_VARIANTS)
-    common = ["--device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup)]
-    common += ["--smoke"] if args.smoke else []
-    common += ["--step-vocab", str(args.step_vocab)] if args.step_vocab else []
+    worker_args = ["--device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    worker_args += ["--smoke"] if args.smoke else []
+    worker_args += ["--step-vocab", str(args.step_vocab)] if args.step_vocab else []
     report: dict[str, Any] = {
-        "command": "python " + " ".join(sys.argv),
+        "command": common.command_line("run.py"),
         "environment": _environment(args.device, args.threads),
         "step_workload": STEP_WORKLOAD,
         "loss_workload": LOSS_WORKLOAD,
@@ -524,7 +524,7 @@ def main() -> None:
     if "steps" in sections:
         for variant in [v for v in STEP_VARIANTS if v in chosen]:
             print(f"step: {variant} ...", flush=True)
-            report["steps"][variant] = _spawn(["--worker", "step", "--variant", variant, *common], args.threads)
+            report["steps"][variant] = _spawn(["--worker", "step", "--variant", variant, *worker_args], args.threads)
     if "loss" in sections:
         for vocab in LOSS_WORKLOAD["vocabs"]:
             for variant in [v for v in LOSS_VARIANTS if v in chosen]:
@@ -538,15 +538,11 @@ def main() -> None:
     if "cache" in sections:
         print("cache: hf-kd cache-teacher ...", flush=True)
         report["cache_workload"] = CACHE_WORKLOAD
-        report["cache"] = _spawn(["--worker", "cache", *common], args.threads)
+        report["cache"] = _spawn(["--worker", "cache", *worker_args], args.threads)
     report["environment"]["load_average_after"] = os.getloadavg()
     report["summary"] = summarize(report)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = args.name or args.device
-    (out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / f"{name}.md").write_text(markdown(report))
+    common.write_results(Path(args.out), args.name or args.device, report, markdown(report))
     print(markdown(report))
 
 
@@ -600,6 +596,13 @@ def _num(x: float | None, fmt: str = "{:.2f}") -> str:
     return "-" if x is None else fmt.format(x)
 
 
+def _timing_row(name: str, r: dict[str, Any]) -> str:
+    """A table row: the median step time and peak memory, or why the variant did not run."""
+    if "step_s_median" in r:
+        return f"| {name} | {r['step_s_median']:.3f} | {_mib(r['peak_extra_bytes'])} |"
+    return f"| {name} | {r.get('skipped') or r.get('error')} | |"
+
+
 def markdown(report: dict[str, Any]) -> str:
     env, summary = report["environment"], report["summary"]
     w = report["step_workload"]
@@ -619,11 +622,7 @@ def markdown(report: dict[str, Any]) -> str:
         "| variant | step time (median, s) | peak memory above step start (MiB) |",
         "|---|---:|---:|",
     ]
-    for name, r in report["steps"].items():
-        if "step_s_median" in r:
-            lines.append(f"| {name} | {r['step_s_median']:.3f} | {_mib(r['peak_extra_bytes'])} |")
-        else:
-            lines.append(f"| {name} | {r.get('skipped') or r.get('error')} | |")
+    lines += [_timing_row(name, r) for name, r in report["steps"].items()]
     lines += ["", "| ratio | value | target |", "|---|---:|---:|"]
     for key, entry in summary.items():
         lines.append(f"| {key} | {_num(entry['value'])} | {entry['target']} |")
@@ -635,11 +634,7 @@ def markdown(report: dict[str, Any]) -> str:
         "| vocab / variant | forward+backward (median, s) | peak memory above inputs (MiB) |",
         "|---|---:|---:|",
     ]
-    for key, r in report["loss"].items():
-        if "step_s_median" in r:
-            lines.append(f"| {key} | {r['step_s_median']:.3f} | {_mib(r['peak_extra_bytes'])} |")
-        else:
-            lines.append(f"| {key} | {r.get('skipped') or r.get('error')} | |")
+    lines += [_timing_row(key, r) for key, r in report["loss"].items()]
     if "cache" in report:
         cw, r = report["cache_workload"], report["cache"]
         lines += [

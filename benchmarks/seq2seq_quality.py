@@ -33,23 +33,22 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import fcntl
 import json
 import math
-import os
-import shlex
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import common  # noqa: E402
 import torch  # noqa: E402
+from common import last_train_log, replace_fields, spread  # noqa: E402
+from common import parse_names as parse_list  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast, Trainer  # noqa: E402
 
@@ -112,10 +111,7 @@ SMOKE_PLAN = Plan(
 
 def training_args(output_dir: Path, settings: Any, steps: int, lr: float, seed: int, **extra: Any) -> Any:
     """The quickstart's schedule (cosine, 5% warm-up, no weight decay) at ``seed``, no evaluation during training."""
-    return qs.training_args(
-        output_dir, settings, steps, lr, seed=seed, data_seed=seed, logging_steps=max(1, steps // 4), disable_tqdm=True,
-        **extra,
-    )  # fmt: skip
+    return common.training_args(output_dir, settings, steps, lr, seed=seed, logs=4, **extra)
 
 
 class Context:
@@ -706,12 +702,6 @@ def score_teachers(ctx: Context, names: list[str]) -> dict[str, Any]:
     return found
 
 
-def last_train_log(trainer: Any) -> dict[str, float]:
-    logs = [log for log in trainer.state.log_history if "loss" in log]
-    keep = ("loss", "kd_loss", "ce_loss", "teacher_agreement", "hidden_loss")
-    return {k: v for k, v in logs[-1].items() if k in keep} if logs else {}
-
-
 def run_row(ctx: Context, name: str, seed: int) -> dict[str, Any]:
     trained = ROWS[name].train(ctx, seed, name)
     result = score(
@@ -733,19 +723,9 @@ def run_row(ctx: Context, name: str, seed: int) -> dict[str, Any]:
 # ---- results file ------------------------------------------------------------------------------------------
 
 
-@contextmanager
 def locked_results(path: Path) -> Any:
     """The results dict, read and written back under an exclusive lock (parallel processes merge their rows)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    folder = os.open(path.parent, os.O_RDONLY)  # the folder itself is the lock: no lock file is left behind
-    try:
-        fcntl.flock(folder, fcntl.LOCK_EX)
-        results = json.loads(path.read_text()) if path.exists() else {}
-        yield results
-        path.write_text(json.dumps(results, indent=1))
-        path.with_suffix(".md").write_text(markdown(results))
-    finally:
-        os.close(folder)  # closing releases the lock
+    return common.locked_results(path, markdown)
 
 
 def record(path: Path, update: Callable[[dict[str, Any]], None]) -> None:
@@ -766,20 +746,14 @@ def best_alt(results: dict[str, Any]) -> str | None:
 # ---- report ------------------------------------------------------------------------------------------------
 
 
-def spread(values: list[float], digits: int) -> str:
-    mean = statistics.fmean(values)
-    return f"{mean:.{digits}f}" + (f" ({min(values):.{digits}f}..{max(values):.{digits}f})" if len(values) > 1 else "")
-
-
 def paired(runs: dict[str, Any], base: dict[str, Any]) -> tuple[str, str]:
     """Mean ROUGE-L points and perplexity % against the baseline row over the seeds both ran, and wins/seeds."""
-    seeds = sorted(set(runs) & set(base), key=int)
-    if not seeds:
+    rouge = common.paired(runs, base, lambda a, b: a["rougeL"] - b["rougeL"])
+    ppl = common.paired(runs, base, lambda a, b: common.percent_change(a["perplexity"], b["perplexity"]))
+    if not rouge:
         return "", ""
-    rouge = [runs[s]["rougeL"] - base[s]["rougeL"] for s in seeds]
-    ppl = [100 * (runs[s]["perplexity"] / base[s]["perplexity"] - 1) for s in seeds]
     wins = sum(r > 0 and p < 0 for r, p in zip(rouge, ppl, strict=True))
-    return f"{statistics.fmean(rouge):+.2f} / {statistics.fmean(ppl):+.1f}%", f"{wins}/{len(seeds)}"
+    return f"{statistics.fmean(rouge):+.2f} / {statistics.fmean(ppl):+.1f}%", f"{wins}/{len(rouge)}"
 
 
 def target_lines(results: dict[str, Any]) -> list[str]:
@@ -921,14 +895,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def fail(message: str) -> int:
-    print(f"seq2seq_quality: {message}", file=sys.stderr)
-    return 2
-
-
-def parse_list(text: str, known: list[str]) -> list[str] | str:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in known]
-    return f"unknown row(s) {unknown}; use a comma-separated list of {known}" if unknown or not names else names
+    return common.fail("seq2seq_quality", message)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -991,16 +958,9 @@ def run(args: argparse.Namespace, path: Path, rows: list[str], teachers: list[st
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     settings = qs.Settings.for_task(TASK)
-    plan = SMOKE_PLAN if args.smoke else Plan()
-    for change in args.plan:
-        field, _, value = change.partition("=")
-        kinds = {f.name: f.type for f in dataclasses.fields(Plan)}
-        kind = kinds.get(field)
-        if kind is None or not value:
-            print(f"seq2seq_quality.py: --plan {change!r}: give FIELD=VALUE, FIELD one of {', '.join(kinds)}",
-                  file=sys.stderr)  # fmt: skip
-            return 2
-        plan = dataclasses.replace(plan, **{field: {"int": int, "float": float}.get(kind, str)(value)})
+    plan = replace_fields(SMOKE_PLAN if args.smoke else Plan(), args.plan)
+    if isinstance(plan, str):
+        return fail(plan)
     if args.smoke:
         settings = dataclasses.replace(settings, **qs.SMOKE)
     settings = dataclasses.replace(settings, student_steps=plan.scratch_steps)
@@ -1010,7 +970,7 @@ def run(args: argparse.Namespace, path: Path, rows: list[str], teachers: list[st
     if teacher_dir is not None and not (teacher_dir / "converged_teacher.json").is_file():
         return fail(f"--teacher-dir {teacher_dir}: no converged_teacher.json there; make it with converged_teacher.py")
     ctx = Context(settings, plan, Path(args.cache_dir) if args.cache_dir else default_cache_dir(), work, teacher_dir)
-    command = shlex.join(["python", "benchmarks/seq2seq_quality.py", *args.argv])
+    command = common.command_line("seq2seq_quality.py", args.argv)
 
     def begin(results: dict[str, Any]) -> None:
         if args.fresh:
