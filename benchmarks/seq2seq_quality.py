@@ -302,8 +302,9 @@ def calibration(ctx: Context) -> list[dict[str, torch.Tensor]]:
 
 
 def start_model(ctx: Context, start: str, seed: int) -> Any:
-    """A student of the sft copy's parameter count: ``copy`` (sft), ``prune`` (width), ``prune_depth`` (width +
-    depth by block importance) or ``rand`` (the copy's architecture, random init)."""
+    """A student of about the sft copy's parameter count: ``copy`` (sft), ``prune`` (d_model, heads and the FFN:
+    the FFN cannot grow back, so 9% fewer parameters), ``prune_ffn`` (MLP neurons only), ``prune_depth`` (FFN +
+    decoder layers by block importance) or ``rand`` (the copy's architecture, random init)."""
     teacher = ctx.teacher.config
     if start == "copy":
         return sft_student(ctx)
@@ -313,6 +314,8 @@ def start_model(ctx: Context, start: str, seed: int) -> Any:
         set_seed(seed)
         return type(ctx.teacher)(copy.deepcopy(sft_student(ctx).config))
     batches = ctx.memo("calibration", lambda: calibration(ctx))
+    if start == "prune_ffn":
+        return make_student(ctx.teacher, intermediate_size=matched_ffn(ctx), calibration=batches)
     if start == "prune":
         hidden = min(ctx.plan.prune_hidden, teacher.d_model)
         heads = teacher.encoder_attention_heads * hidden // teacher.d_model
@@ -617,8 +620,10 @@ ROWS: dict[str, Row] = {
     "kd_cache": Row("T5 from scratch, KD from a top-64 teacher cache with tail samples", row_kd_cache, "kd"),
     "rand": Row("the sft copy's architecture from random init, CE (equal parameters)", row_start, "sft"),
     "rand_kd": Row("same init, KD (forward KL)", row_start, "sft_kd"),
-    "prune": Row("width-pruned teacher (d_model 128, 2 heads, FFN matched; make_student), CE", row_start, "sft"),
+    "prune": Row("width-pruned teacher (d_model 128, 2 heads, FFN 768; make_student), CE", row_start, "sft"),
     "prune_kd": Row("same pruned start, KD (forward KL)", row_start, "sft_kd"),
+    "prune_ffn": Row("MLP neurons pruned to match (d_model 192 kept; make_student), CE", row_start, "sft"),
+    "prune_ffn_kd": Row("same pruned start, KD (forward KL)", row_start, "sft_kd"),
     "prune_depth": Row("2 of 3 decoder layers by importance + FFN pruned to match, CE", row_start, "sft"),
     "prune_depth_kd": Row("same start, KD (forward KL)", row_start, "sft_kd"),
     "sft_kd_frozen": Row("sft copy, KD with freeze_encoder (teacher's encoder pass skipped)", row_start, "sft_kd"),
@@ -789,9 +794,10 @@ def target_lines(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-EQUAL_PARAMETER_ROWS = ("sft_kd_frozen", "rand", "rand_kd", "prune", "prune_kd", "prune_depth", "prune_depth_kd")
-STARTS = {"copy": ("sft", "sft_kd"), "prune": ("prune", "prune_kd"), "prune_depth": ("prune_depth", "prune_depth_kd"),
-          "rand": ("rand", "rand_kd")}  # fmt: skip
+EQUAL_PARAMETER_ROWS = ("sft_kd_frozen", "rand", "rand_kd", "prune", "prune_kd", "prune_ffn", "prune_ffn_kd",
+                        "prune_depth", "prune_depth_kd")  # fmt: skip
+STARTS = {"copy": ("sft", "sft_kd"), "prune": ("prune", "prune_kd"), "prune_ffn": ("prune_ffn", "prune_ffn_kd"),
+          "prune_depth": ("prune_depth", "prune_depth_kd"), "rand": ("rand", "rand_kd")}  # fmt: skip
 
 
 def equal_parameter_table(runs: dict[str, Any]) -> list[str]:
