@@ -40,13 +40,16 @@ from hf_kd.quickstart_files import TEACHER_RECORD, check_teacher_record, claim_o
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # Bump when anything that shapes the cached tokenizer/teacher changes.
-TEACHER_CACHE_VERSION = 3
+TEACHER_CACHE_VERSION = 4
 
 # The Settings fields that shape the tokenizer and teacher (the cache key; checked again in the cached record).
 TEACHER_FIELDS = (
     "task seed vocab_size block_size source_length target_length mask_fraction max_words batch_size "
-    "teacher_layers teacher_width teacher_steps teacher_lr max_train_docs"
+    "teacher_layers teacher_width teacher_steps teacher_lr max_train_docs group_by_length"
 ).split()
+
+# Rows per shard of the teacher cache: the quickstart's training set (6,923 rows) fits one.
+CACHE_SHARD_SIZE = 10_000
 
 SEQ2SEQ_TASKS = ("denoise", "summarize")
 TASKS = ("denoise", "summarize", "lm")
@@ -72,6 +75,7 @@ class Settings:
     mask_fraction: float = 0.3  # denoise: share of each docstring's words masked
     max_words: int = 48  # denoise: words of each docstring kept
     batch_size: int = 16
+    group_by_length: bool = False  # batches of rows of similar length (less padding computed); lm blocks are equal
     teacher_layers: int = 3  # encoder-decoder: layers of the encoder and of the decoder, each
     teacher_width: int = 192
     teacher_steps: int = 500
@@ -83,6 +87,8 @@ class Settings:
     student_lr: float = 3e-3
     temperature: float = 1.0
     alpha: float = 0.0
+    cache_k: int = 0  # the KD students learn from the teacher's top-k cache (0: from the live teacher)
+    cache_tail_samples: int = 0  # tokens drawn per target from the teacher's distribution outside the top-k
     eval_blocks: int = 64  # validation rows scored at each evaluation during training
     num_evals: int = 8
     max_train_docs: int | None = None  # subsample the training split (smoke mode)
@@ -125,6 +131,8 @@ TASK_DESIGNS: dict[str, dict[str, Any]] = {
         "target_length": 64,
         "max_words": 32,
         "batch_size": 32,
+        # Random batches pad to 1.5x the tokens they hold (measured); grouped ones compute about 1.05x.
+        "group_by_length": True,
         "teacher_layers": 3,
         "teacher_width": 192,
         "teacher_steps": 600,
@@ -134,6 +142,9 @@ TASK_DESIGNS: dict[str, dict[str, Any]] = {
         "student_width": 64,
         "student_steps": 600,
         "student_lr": 3e-3,
+        # The teacher runs once over the training set, not at every KD step of both KD students (docs/quickstart.md).
+        "cache_k": 64,
+        "cache_tail_samples": 64,
     },
     "summarize": {
         "vocab_size": 1024,
@@ -179,7 +190,11 @@ _START = time.perf_counter()
 
 
 def stage(message: str) -> None:
-    print(f"[hf-kd quickstart {time.perf_counter() - _START:5.0f}s] {message}", flush=True)
+    """Print ``message`` with the wall time since the start and this process's CPU time (all threads)."""
+    print(
+        f"[hf-kd quickstart {time.perf_counter() - _START:5.0f}s, cpu {time.process_time():5.0f}s] {message}",
+        flush=True,
+    )
 
 
 # ---- data and tokenizer ------------------------------------------------------------------------------
@@ -389,6 +404,7 @@ def training_args(output_dir: Path, settings: Settings, steps: int, lr: float, *
         max_steps=steps,
         per_device_train_batch_size=settings.batch_size,
         per_device_eval_batch_size=32,
+        train_sampling_strategy="group_by_length" if settings.group_by_length else "random",
         learning_rate=lr,
         lr_scheduler_type="cosine",
         warmup_steps=max(1, steps // 20),
@@ -458,6 +474,41 @@ def _train_teacher(settings: Settings, data: Any, path: Path) -> tuple[Any, Any,
     return tokenizer, teacher.eval(), seconds, False
 
 
+def teacher_cache(settings: Settings, teacher: Any, tokenizer: Any, train: Any, cache_dir: Path) -> dict[str, Any]:
+    """The teacher's top-``cache_k`` cache (with ``cache_tail_samples`` tail samples) over the featurised training
+    set, computed once and kept beside the cached teacher; a later run verifies it and reads it again.
+
+    The folder is named by the teacher's weights, so a teacher trained again never meets an older teacher's cache;
+    one process writes it at a time. Returns its folder, size and the seconds this run spent on it.
+    """
+    from hf_kd.teachers.cache_writer import build_teacher_cache, cache_size, weights_hash
+
+    name = f"topk-{settings.task}-{settings.teacher_key()}-{weights_hash(teacher)[:12]}"
+    path = cache_dir / "quickstart" / f"{name}-k{settings.cache_k}-tail{settings.cache_tail_samples}"
+    start = time.perf_counter()
+    with folder_lock(path.parent, "hf-kd quickstart (caching the teacher)", wait=True):
+        reused = path.exists()
+        build_teacher_cache(
+            teacher,
+            train,
+            path,
+            tokenizer=tokenizer,
+            k=settings.cache_k,
+            tail_samples=settings.cache_tail_samples,
+            seed=settings.seed,
+            batch_size=32,
+            shard_size=CACHE_SHARD_SIZE,
+        )
+    return {
+        "path": str(path),
+        "k": settings.cache_k,
+        "tail_samples": settings.cache_tail_samples,
+        "reused": reused,
+        "seconds": time.perf_counter() - start,
+        **cache_size(path),
+    }
+
+
 class ValidationCurve(TrainerCallback):
     """Validation cross-entropy at step 0 and ``num_points`` evenly spaced steps, the same way for both students.
 
@@ -493,8 +544,10 @@ def train_student(
     valid: Any,
     output_dir: Path,
     arch: str = "",
+    cache: Path | None = None,
 ) -> tuple[Any, Any, float, list[tuple[int, float]]]:
-    """A student trained on the labels (kind "ce") or distilled from the teacher (kind "kd")."""
+    """A student trained on the labels (kind "ce") or distilled from the teacher (kind "kd"): from its top-k cache
+    ``cache`` when given (the trainer needs no teacher then), else from the live ``teacher``."""
     from hf_kd.trainer import DistillationTrainer
 
     student = build_model(tokenizer, settings.student_layers, settings.student_width, settings, settings.seed, arch)
@@ -517,7 +570,11 @@ def train_student(
             temperature=settings.temperature,
             alpha=settings.alpha,
         )
-        trainer = DistillationTrainer(teacher_model=teacher, args=args, **common)
+        if cache is None:
+            trainer = DistillationTrainer(teacher_model=teacher, args=args, **common)
+        else:
+            trainer = DistillationTrainer(teacher_cache=str(cache), args=args, **common)
+            trainer.teacher_name = teacher.name_or_path  # the model card names the teacher, not its cache folder
     else:
         from transformers import Trainer
 
@@ -769,13 +826,23 @@ def _run(args: Any, settings: Settings, output_dir: Path, cache_dir: Path) -> in
     tokenizer, teacher, teacher_seconds, cached = train_teacher(settings, data, cache_dir)
     if cached:
         stage(f"    loaded from the cache ({cache_dir / 'quickstart'}); trained in {teacher_seconds:.0f} s")
+    train = featurize(settings.task, data["train"], tokenizer, settings)
+    cache = None
+    if settings.cache_k:
+        stage(
+            f"    teacher cache: top-{settings.cache_k} + {settings.cache_tail_samples} tail samples per target token"
+        )
+        cache = teacher_cache(settings, teacher, tokenizer, train, cache_dir)
+        stage(
+            f"    {'verified' if cache['reused'] else 'written'} in {cache['seconds']:.0f} s: "
+            f"{cache['bytes'] / 1e6:.0f} MB, {cache['target_tokens']} target tokens ({cache['path']})"
+        )
     # A copy beside the students (for lm, the teacher `hf-kd distill --config recipes/configs/quickstart_lm.yaml`
     # distills from).
     teacher.save_pretrained(output_dir / "teacher")
     tokenizer.save_pretrained(output_dir / "teacher")
     # The students' cards name the teacher published beside them, not the cache folder it was loaded from.
     teacher.name_or_path = teacher.config.name_or_path = str(output_dir / "teacher")
-    train = featurize(settings.task, data["train"], tokenizer, settings)
     valid = _head(featurize(settings.task, data["validation"], tokenizer, settings), settings.eval_blocks)
     test = featurize(settings.task, data["test"], tokenizer, settings)
 
@@ -783,7 +850,8 @@ def _run(args: Any, settings: Settings, output_dir: Path, cache_dir: Path) -> in
     for arch in settings.archs:
         for kind in ("ce", "kd"):
             key = student_key(kind, arch, settings)
-            what = "on the labels (CE)" if kind == "ce" else f"by distillation (forward KL, T={settings.temperature})"
+            what = "on the labels (CE)" if kind == "ce" else f"by distillation (forward KL, T={settings.temperature}"
+            what += "" if kind == "ce" else (", from the teacher cache)" if cache else ", live teacher)")
             layers = settings.student_layers
             stage(
                 f"{3 if kind == 'ce' else 4}/6 {model_name(key, settings)}: {ARCH_NAMES[arch]} "
@@ -791,7 +859,7 @@ def _run(args: Any, settings: Settings, output_dir: Path, cache_dir: Path) -> in
                 f"{settings.student_steps} steps, {what}"
             )
             models[key], trainer, seconds[key], curves[key] = train_student(
-                settings, kind, teacher, tokenizer, train, valid, output_dir / key, arch
+                settings, kind, teacher, tokenizer, train, valid, output_dir / key, arch, cache and Path(cache["path"])
             )
             trainer.save_model(str(output_dir / key))
             if kind == "kd":  # its card, with the test metrics, is written after the evaluation
@@ -841,6 +909,7 @@ def _run(args: Any, settings: Settings, output_dir: Path, cache_dir: Path) -> in
         "command": command_line(args),
         "settings": dataclasses.asdict(settings),
         "teacher_cached": cached,
+        "teacher_cache": cache,  # None: the KD students ran the teacher at every step
         "models": results,
         "main_metric": metrics[0],
         "kd_beats_ce": all(wins[settings.archs[0]].values()),  # the main pair, on every metric
@@ -908,6 +977,13 @@ def _markdown_report(report: dict[str, Any], table: str) -> str:
             f"For scale: the input itself with its <mask> tokens dropped scores ROUGE-L "
             f"{report['copy_input_rougeL']:.2f} (most of each target is in its input).\n"
         )
+    cache = report["teacher_cache"]
+    source = "from the live teacher at every step"
+    if cache:
+        source = (
+            f"from the teacher's top-{cache['k']} cache with {cache['tail_samples']} tail samples per target token, "
+            f"computed once over the training set ({cache['bytes'] / 1e6:.0f} MB, `hf_kd.teachers.cache_writer`)"
+        )
     wins = "; ".join(
         f"{ARCH_NAMES[arch]}: " + ", ".join(f"{m} {won}" for m, won in arch_wins.items())
         for arch, arch_wins in report["kd_beats_ce_on"].items()
@@ -917,8 +993,8 @@ def _markdown_report(report: dict[str, Any], table: str) -> str:
 Task: `{report["task"]}` on the Python {report["versions"]["python"]} standard-library docstrings.
 Teacher: {teacher}, {s["teacher_steps"]} steps{teacher_note}.
 Students: {student}, {s["student_steps"]} steps each; of each architecture one on the labels only and one by
-distillation (forward KL, T = {s["temperature"]}, alpha = {s["alpha"]}), with the same initialisation and data
-order. Batch {s["batch_size"]},
+distillation (forward KL, T = {s["temperature"]}, alpha = {s["alpha"]}; {source}), with the same initialisation
+and data order. Batch {s["batch_size"]},
 one byte-level BPE tokenizer of {s["vocab_size"]} tokens for all three.
 
 {table}
@@ -926,7 +1002,7 @@ one byte-level BPE tokenizer of {s["vocab_size"]} tokens for all three.
 Speed: greedy generation of {s["speed_new_tokens"]} new tokens for {s["speed_prompts"]} prompts, on this CPU.
 Distilled student beats CE-only student ({wins}).
 Saved here: `student_kd/` (with its model card), `student_ce/` and `teacher/` (model and tokenizer{recipe}).
-Wall time: {report["wall_seconds"]:.0f} s. Command: `{report["command"]}`
+Wall time: {report["wall_seconds"]:.0f} s; CPU time {report["cpu_seconds"]:.0f} s. Command: `{report["command"]}`
 
 ![evaluation loss](eval_loss.png)
 """
