@@ -197,26 +197,6 @@ def test_one_thread_unless_asked(tmp_path, monkeypatch):
         torch.set_num_threads(before)
 
 
-def test_denoise_batches_rows_of_similar_length(tmp_path, cache_dir, tokenizer):
-    """The denoise design groups rows by length: its batches hold fewer <pad> tokens than random ones."""
-    from transformers import Trainer
-
-    def padded_share(group: bool) -> float:
-        settings = quickstart.Settings.for_task("denoise", **{**quickstart.SMOKE, "group_by_length": group})
-        train = quickstart.featurize("denoise", quickstart.load_data(settings, cache_dir)["train"], tokenizer, settings)
-        args = quickstart.training_args(tmp_path, settings, 10, 1e-3)
-        model = quickstart.build_model(tokenizer, 1, 16, settings, seed=0, arch="t5")
-        trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=quickstart.collator(tokenizer))
-        batches = list(trainer.get_train_dataloader())
-        return sum(b["attention_mask"].eq(0).sum().item() for b in batches) / sum(
-            b["attention_mask"].numel() for b in batches
-        )
-
-    assert quickstart.Settings.for_task("denoise").group_by_length and not quickstart.Settings().group_by_length
-    grouped, random = padded_share(True), padded_share(False)
-    assert grouped < random / 2, (grouped, random)
-
-
 def test_rerun_on_its_own_output_folder(tmp_path, cache_dir, lm_run, capsys):
     """Same settings: the run writes its own outputs again (the same numbers); other settings: refused, nothing
     touched (they would mix two runs' files)."""

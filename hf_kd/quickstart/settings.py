@@ -14,13 +14,13 @@ from typing import Any
 from hf_kd.errors import ConfigError
 
 # Bump when anything that shapes the cached tokenizer/teacher changes.
-TEACHER_CACHE_VERSION = 4
+TEACHER_CACHE_VERSION = 3
 
 
 # The Settings fields that shape the tokenizer and teacher (the cache key; checked again in the cached record).
 TEACHER_FIELDS = (
     "task seed vocab_size block_size source_length target_length mask_fraction max_words batch_size "
-    "teacher_layers teacher_width teacher_steps teacher_lr max_train_docs group_by_length"
+    "teacher_layers teacher_width teacher_steps teacher_lr max_train_docs"
 ).split()
 
 
@@ -54,7 +54,6 @@ class Settings:
     mask_fraction: float = 0.3  # denoise: share of each docstring's words masked
     max_words: int = 48  # denoise: words of each docstring kept
     batch_size: int = 16
-    group_by_length: bool = False  # batches of rows of similar length (less padding computed); lm blocks are equal
     teacher_layers: int = 3  # encoder-decoder: layers of the encoder and of the decoder, each
     teacher_width: int = 192
     teacher_steps: int = 500
@@ -110,8 +109,6 @@ TASK_DESIGNS: dict[str, dict[str, Any]] = {
         "target_length": 64,
         "max_words": 32,
         "batch_size": 32,
-        # Random batches pad to 1.5x the tokens they hold (measured); grouped ones compute about 1.05x.
-        "group_by_length": True,
         "teacher_layers": 3,
         "teacher_width": 192,
         "teacher_steps": 600,

@@ -29,7 +29,6 @@ def training_args(output_dir: Path, settings: Settings, steps: int, lr: float, *
         max_steps=steps,
         per_device_train_batch_size=settings.batch_size,
         per_device_eval_batch_size=32,
-        train_sampling_strategy="group_by_length" if settings.group_by_length else "random",
         learning_rate=lr,
         lr_scheduler_type="cosine",
         warmup_steps=max(1, steps // 20),
