@@ -12,7 +12,7 @@ LAYERS = [
     {"data", "metrics", "generation", "student", "teachers", "evaluate_metrics"},
     {"config", "card"},
     {"trainer"},
-    {"recipe", "evaluation", "quickstart", "quickstart_files"},
+    {"recipe", "evaluation", "quickstart"},
     {"cli"},
 ]
 
@@ -56,4 +56,12 @@ def test_no_import_runs_back_up_the_layers():
 def test_about_a_dozen_top_level_modules():
     modules = [p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__"]
     packages = [p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()]
-    assert len(modules) + len(packages) <= 18, sorted(modules + packages)
+    assert len(modules) + len(packages) <= 17, sorted(modules + packages)
+
+
+def test_quickstart_is_one_package_of_short_files():
+    """hf_kd/quickstart/: one idea per file, each readable top to bottom."""
+    files = {p.name: len(p.read_text(encoding="utf-8").splitlines()) for p in (PACKAGE / "quickstart").glob("*.py")}
+    assert not (PACKAGE / "quickstart.py").exists() and not (PACKAGE / "quickstart_files.py").exists()
+    assert {"settings.py", "dataset.py", "models.py", "training.py", "cache.py", "scoring.py", "report.py"} < set(files)
+    assert max(files.values()) <= 250, files

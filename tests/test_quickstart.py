@@ -151,6 +151,52 @@ def test_second_run_reuses_the_cached_teacher(tmp_path, cache_dir, lm_run):
     assert (tmp_path / "teacher" / "model.safetensors").is_file()  # a cached teacher is saved too
 
 
+def test_kd_students_learn_from_the_teacher_cache(tmp_path, cache_dir, denoise_run):
+    """The denoise KD students train from a top-k cache of the teacher, computed once: its rows are the saved
+    teacher's own top-k over the training set, and a second run reads the same cache again."""
+    from hf_kd.teachers.cache import CachedTeacher
+
+    out, report = denoise_run
+    cache = report["teacher_cache"]
+    assert (cache["k"], cache["tail_samples"], cache["reused"]) == (64, 64, False)
+    settings = quickstart.Settings(**report["settings"])
+    tokenizer = AutoTokenizer.from_pretrained(out / "teacher")
+    teacher = AutoModelForSeq2SeqLM.from_pretrained(out / "teacher").eval()
+    train = quickstart.featurize("denoise", quickstart.load_data(settings, cache_dir)["train"], tokenizer, settings)
+    stored = CachedTeacher(cache["path"]).data
+    assert len(stored) == len(train)
+    for i in (0, len(train) - 1):  # the teacher's log-probabilities, recomputed row by row (no padding)
+        row = train[i]
+        with torch.no_grad():
+            logits = teacher(input_ids=torch.tensor([row["input_ids"]]), labels=torch.tensor([row["labels"]])).logits
+        top = torch.log_softmax(logits[0, :, : len(tokenizer)].double(), -1).topk(64)
+        cached = torch.tensor(stored[i]["topk_logprobs"], dtype=torch.float64).view(len(row["labels"]), 64)
+        assert stored[i]["target_ids"] == row["labels"]
+        torch.testing.assert_close(cached, top.values, atol=2e-2, rtol=1e-2)  # stored as float16
+        assert torch.tensor(stored[i]["topk_ids"]).view(-1, 64)[:, 0].tolist() == top.indices[:, 0].tolist()
+    assert "top-64 cache with 64 tail samples" in (out / "report.md").read_text()
+    again = _run(tmp_path, cache_dir, "--student-steps", "2")
+    assert again["teacher_cache"]["path"] == cache["path"] and again["teacher_cache"]["reused"] is True
+
+
+def test_lm_students_learn_from_the_live_teacher(lm_run):
+    assert lm_run[1]["teacher_cache"] is None and lm_run[1]["settings"]["cache_k"] == 0
+
+
+def test_one_thread_unless_asked(tmp_path, monkeypatch):
+    """A second thread costs more CPU time than it saves on these models (docs/quickstart.md): one by default."""
+    seen = []
+    monkeypatch.setattr(quickstart_cli, "run_quickstart", lambda args: seen.append(torch.get_num_threads()) or 0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert quickstart_cli.main(["--smoke", "--output-dir", str(tmp_path)]) == 0
+        assert quickstart_cli.main(["--smoke", "--output-dir", str(tmp_path), "--threads", "2"]) == 0
+        assert seen == [1, 2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_rerun_on_its_own_output_folder(tmp_path, cache_dir, lm_run, capsys):
     """Same settings: the run writes its own outputs again (the same numbers); other settings: refused, nothing
     touched (they would mix two runs' files)."""

@@ -14,8 +14,9 @@ from helpers import one_line_error
 from hf_kd import quickstart
 from hf_kd.cli import build_parser
 from hf_kd.data import cache_path
+from hf_kd.errors import ConfigError
 from hf_kd.locking import LOCK_FILE, folder_lock
-from hf_kd.quickstart_files import MARKER, claim_output_dir, planned_outputs
+from hf_kd.quickstart.files import MARKER, claim_output_dir, planned_outputs
 
 
 def argv(out: Path, cache: Path, *extra: str) -> list[str]:
@@ -24,7 +25,7 @@ def argv(out: Path, cache: Path, *extra: str) -> list[str]:
 
 
 def settings_of(out: Path, cache: Path, *extra: str) -> quickstart.Settings:
-    return quickstart._settings_from_args(build_parser().parse_args(argv(out, cache, *extra)))
+    return quickstart.settings_from_args(build_parser().parse_args(argv(out, cache, *extra)))
 
 
 def tree(folder: Path) -> dict[str, bytes]:
@@ -73,7 +74,7 @@ def test_overwrite_replaces_exactly_the_quickstart_entries(tmp_path, user_model)
     (user_model / "teacher").mkdir()
     claim_output_dir(user_model, settings, overwrite=False)
     other = settings_of(user_model, tmp_path / "cache", "--student-steps", "2")
-    with pytest.raises(quickstart.ConfigError, match="other settings"):
+    with pytest.raises(ConfigError, match="other settings"):
         claim_output_dir(user_model, other, overwrite=False)
 
 

@@ -61,7 +61,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         action="store_true",
         help="Tiny models, data and step counts: checks the whole pipeline in well under a minute.",
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default 1: on these small models a second thread costs more CPU time than it saves "
+        "wall time, see docs/quickstart.md; --threads 2 is faster on an idle 2-core machine).",
+    )
     sizes = parser.add_argument_group(
         "sizes and budget (defaults: the task's measured design, shown for the default task; see docs/quickstart.md)"
     )
@@ -101,11 +107,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the quickstart with ``--threads`` torch threads; returns the exit status."""
+    """Run the quickstart with ``--threads`` torch threads (default 1); returns the exit status."""
     threads = torch.get_num_threads()
     try:
-        if args.threads:
-            torch.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads or 1)
         return run_command("hf-kd quickstart", run_quickstart, args)
     finally:
         torch.set_num_threads(threads)  # callers in the same process (tests) keep their setting

@@ -27,7 +27,7 @@ REPORTS = ("report.json", "report.md", "eval_loss.png")
 
 def planned_outputs(settings: Any) -> list[str]:
     """The entries of the output folder a run with ``settings`` writes."""
-    from hf_kd.quickstart import student_key
+    from hf_kd.quickstart.report import student_key
 
     students = [student_key(kind, arch, settings) for arch in settings.archs for kind in ("ce", "kd")]
     return ["teacher", *students, *REPORTS]
