@@ -9,8 +9,9 @@ from typing import Any
 from hf_kd.locking import folder_lock
 from hf_kd.quickstart.settings import Settings
 
-# Rows per shard of the teacher cache: the quickstart's training set (6,923 rows) fits one.
-CACHE_SHARD_SIZE = 10_000
+# Rows per shard of the teacher cache: a shard is held in memory until written, so 1,000 rows (7 shards for the
+# 6,923 training rows) keep the peak near the training run's (0.77 GB for the cache alone, 1.57 GB with one shard).
+CACHE_SHARD_SIZE = 1_000
 
 
 def teacher_cache(settings: Settings, teacher: Any, tokenizer: Any, train: Any, cache_dir: Path) -> dict[str, Any]:
