@@ -85,6 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patience", type=int, default=3)
     parser.add_argument("--min-gain", type=float, default=0.2, help="ROUGE-L points an evaluation must gain.")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--cooldown-from",
+        default=None,
+        help="Start from this folder's teacher (an earlier --out) and decay --lr linearly to 0 over --max-steps, "
+        "without warm-up: the annealing an early-stopped checkpoint of a long cosine schedule did not get.",
+    )
     parser.add_argument("--smoke", action="store_true", help="Tiny data and model (seconds).")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -106,10 +112,18 @@ def main(argv: list[str] | None = None) -> int:
     train = qs.featurize(TASK, data["train"], tokenizer, settings)
     valid = qs.featurize(TASK, data["validation"], tokenizer, settings)
     references = list(data["validation"]["target"][: args.valid_rows])
-    teacher = qs.build_model(tokenizer, settings.teacher_layers, settings.teacher_width, settings, settings.seed + 1)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    targs = qs.training_args(tmp, settings, args.max_steps, args.lr, logging_steps=100, disable_tqdm=True)
+    schedule: dict[str, Any] = {"logging_steps": 100, "disable_tqdm": True}
+    if args.cooldown_from:
+        from transformers import AutoModelForSeq2SeqLM
+
+        teacher = AutoModelForSeq2SeqLM.from_pretrained(args.cooldown_from)
+        schedule |= {"lr_scheduler_type": "linear", "warmup_steps": 0}
+    else:
+        width, layers = settings.teacher_width, settings.teacher_layers
+        teacher = qs.build_model(tokenizer, layers, width, settings, settings.seed + 1)
+    targs = qs.training_args(tmp, settings, args.max_steps, args.lr, **schedule)
     stop = StopWhenFlat(valid, references, tokenizer, settings, args.eval_every, args.patience, args.min_gain, start)
     Trainer(model=teacher, args=targs, train_dataset=train, data_collator=qs.collator(tokenizer),
             callbacks=[stop]).train()  # fmt: skip
@@ -133,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": dataclasses.asdict(settings),
         "max_steps": args.max_steps,
         "lr": args.lr,
+        "cooldown_from": args.cooldown_from,
     }
     teacher.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
