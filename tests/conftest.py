@@ -75,9 +75,19 @@ def tiny_gpt2(vocab_size: int, seed: int = 0, n_layer: int = 2, n_embd: int = 32
     return GPT2LMHeadModel(config)
 
 
-def tiny_t5(vocab_size: int, seed: int = 0, d_model: int = 32, num_layers: int = 2, dropout: float = 0.0, **overrides):
+def tiny_t5(
+    vocab_size: int,
+    seed: int = 0,
+    d_model: int = 32,
+    num_layers: int = 2,
+    dropout: float = 0.0,
+    model_cls: type = T5ForConditionalGeneration,
+    config_cls: type = T5Config,
+    **overrides,
+):
+    """A tiny T5 (or, with ``model_cls``/``config_cls``, mT5); ``overrides`` replace any config field."""
     torch.manual_seed(seed)
-    config = T5Config(
+    fields = dict(
         vocab_size=vocab_size,
         d_model=d_model,
         d_kv=8,
@@ -89,9 +99,28 @@ def tiny_t5(vocab_size: int, seed: int = 0, d_model: int = 32, num_layers: int =
         eos_token_id=1,
         decoder_start_token_id=0,
         dropout_rate=dropout,
-        **overrides,
     )
-    return T5ForConditionalGeneration(config)
+    return model_cls(config_cls(**{**fields, **overrides}))
+
+
+def tiny_llama(vocab_size: int, layers: int = 2, model_cls: type | None = None, config_cls: type | None = None,
+               seed: int = 0, **overrides):  # fmt: skip
+    """A tiny Llama-style causal LM (Llama, or Mistral/Qwen2 through ``model_cls``/``config_cls``): 32 wide, 4 query
+    heads sharing 2 key-value heads; ``overrides`` replace any config field."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    fields = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
+    return (model_cls or LlamaForCausalLM)((config_cls or LlamaConfig)(**{**fields, **overrides}))
 
 
 def tiny_bart(vocab_size: int, seed: int = 0, d_model: int = 32, layers: int = 2, dropout: float = 0.0):

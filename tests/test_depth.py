@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_bart, tiny_gpt2, tiny_t5
+from conftest import tiny_bart, tiny_gpt2, tiny_llama, tiny_t5
 from torch import nn
 from transformers import (
     LlamaConfig,
@@ -27,40 +27,6 @@ from hf_kd.student.make import FAMILIES, make_student
 VOCAB = 48
 
 
-def _llama_like(cls, config_cls, layers: int = 3, **extra):
-    torch.manual_seed(0)
-    config = config_cls(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        **extra,
-    )
-    return cls(config)
-
-
-def _mt5(layers: int = 3):
-    torch.manual_seed(0)
-    config = MT5Config(
-        vocab_size=VOCAB,
-        d_model=32,
-        d_kv=8,
-        d_ff=64,
-        num_layers=layers,
-        num_decoder_layers=layers,
-        num_heads=2,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-        dropout_rate=0.0,
-    )
-    return MT5ForConditionalGeneration(config)
-
-
 def _spread(model: nn.Module, std: float) -> nn.Module:
     """Wider random weights in the layers: a tiny model's residual branches at init barely move the hidden state
     (BI ~1e-5), too little for the comparisons below to mean anything."""
@@ -75,12 +41,12 @@ def _spread(model: nn.Module, std: float) -> nn.Module:
 TEACHERS = {
     "bart": lambda: _spread(tiny_bart(VOCAB, layers=3), 0.2),
     "t5": lambda: tiny_t5(VOCAB, num_layers=3),
-    "mt5": _mt5,
+    "mt5": lambda: tiny_t5(VOCAB, num_layers=3, model_cls=MT5ForConditionalGeneration, config_cls=MT5Config),
     "gpt2": lambda: _spread(tiny_gpt2(VOCAB, n_layer=3), 0.1),
-    "llama": lambda: _llama_like(LlamaForCausalLM, LlamaConfig),
-    "mistral": lambda: _llama_like(MistralForCausalLM, MistralConfig, sliding_window=3),
-    "qwen2": lambda: _llama_like(
-        Qwen2ForCausalLM, Qwen2Config, use_sliding_window=True, sliding_window=3, max_window_layers=1
+    "llama": lambda: tiny_llama(VOCAB, 3, LlamaForCausalLM, LlamaConfig),
+    "mistral": lambda: tiny_llama(VOCAB, 3, MistralForCausalLM, MistralConfig, sliding_window=3),
+    "qwen2": lambda: tiny_llama(
+        VOCAB, 3, Qwen2ForCausalLM, Qwen2Config, use_sliding_window=True, sliding_window=3, max_window_layers=1
     ),
 }
 

@@ -11,7 +11,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tokenizer, random_sentences, tiny_gpt2
+from conftest import make_tokenizer, random_sentences, tiny_gpt2, tiny_llama, tiny_t5
 from helpers import config, lm_collator, lm_dataset, one_line_error, seq2seq_collator, seq2seq_dataset
 from transformers import (
     AutoModelForCausalLM,
@@ -50,19 +50,11 @@ def _bart(**extra):
 
 
 def _t5(cls=T5ForConditionalGeneration, config_cls=T5Config, **extra):
-    torch.manual_seed(0)
-    cfg = dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
-               pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, dropout_rate=0.0)  # fmt: skip
-    cfg.update(extra)
-    return cls(config_cls(**cfg))
+    return tiny_t5(VOCAB, model_cls=cls, config_cls=config_cls, num_heads=4, **extra)
 
 
 def _llama(cls=LlamaForCausalLM, config_cls=LlamaConfig, **extra):
-    torch.manual_seed(0)
-    cfg = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)  # fmt: skip
-    cfg.update(extra)
-    return cls(config_cls(**cfg))
+    return tiny_llama(VOCAB, 2, cls, config_cls, **extra)
 
 
 TEACHERS = {

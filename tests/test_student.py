@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_tokenizer, tiny_bart, tiny_gpt2, tiny_t5
+from conftest import make_tokenizer, tiny_bart, tiny_gpt2, tiny_llama, tiny_t5
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
@@ -23,8 +23,6 @@ from transformers import (
     OPTForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
-    T5Config,
-    T5ForConditionalGeneration,
 )
 
 from hf_kd.cli import main as cli_main
@@ -45,54 +43,19 @@ DISTILBART_12 = {
 }
 
 
-def _llama_like(cls, config_cls, layers: int = 4, **extra):
-    torch.manual_seed(0)
-    config = config_cls(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        **extra,
-    )
-    return cls(config)
-
-
-def _t5_like(cls, config_cls, layers: int = 4, **extra):
-    torch.manual_seed(0)
-    config = config_cls(
-        vocab_size=VOCAB,
-        d_model=32,
-        d_kv=8,
-        d_ff=64,
-        num_layers=layers,
-        num_decoder_layers=layers,
-        num_heads=2,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-        dropout_rate=0.0,
-        **extra,
-    )
-    return cls(config)
-
-
 TEACHERS = {
     "bart": lambda: tiny_bart(VOCAB, layers=4),
     "t5": lambda: tiny_t5(VOCAB, num_layers=4),
     # Flan-T5: gated-gelu feed-forward and an untied lm_head.
-    "flan-t5": lambda: _t5_like(
-        T5ForConditionalGeneration, T5Config, feed_forward_proj="gated-gelu", tie_word_embeddings=False
-    ),
-    "mt5": lambda: _t5_like(MT5ForConditionalGeneration, MT5Config),
+    "flan-t5": lambda: tiny_t5(VOCAB, num_layers=4, feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+    "mt5": lambda: tiny_t5(VOCAB, num_layers=4, model_cls=MT5ForConditionalGeneration, config_cls=MT5Config),
     "gpt2": lambda: tiny_gpt2(VOCAB, n_layer=4),
-    "llama": lambda: _llama_like(LlamaForCausalLM, LlamaConfig),
-    "mistral": lambda: _llama_like(MistralForCausalLM, MistralConfig, sliding_window=3),
+    "llama": lambda: tiny_llama(VOCAB, 4, LlamaForCausalLM, LlamaConfig),
+    "mistral": lambda: tiny_llama(VOCAB, 4, MistralForCausalLM, MistralConfig, sliding_window=3),
     # Sliding attention on layers >= 2 only: a copied layer must keep its own attention type.
-    "qwen2": lambda: _llama_like(
+    "qwen2": lambda: tiny_llama(
+        VOCAB,
+        4,
         Qwen2ForCausalLM,
         Qwen2Config,
         tie_word_embeddings=False,
@@ -194,7 +157,7 @@ def test_student_equals_the_teacher_with_layers_removed(family):
 
 
 def test_t5_first_block_keeps_the_relative_attention_bias():
-    teacher = _t5_like(T5ForConditionalGeneration, T5Config).eval()
+    teacher = tiny_t5(VOCAB, num_layers=4).eval()
     student = make_student(teacher, layer_map={"encoder": [2, 3], "decoder": [1, 2, 3]})
     for stack in ("encoder", "decoder"):
         t_blocks, s_blocks = getattr(teacher, stack).block, getattr(student, stack).block
