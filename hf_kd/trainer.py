@@ -418,9 +418,10 @@ class DistillationTrainer(Seq2SeqTrainer):
         why = first_refusal(in_use | {"teacher_reuses_student_encoder"})
         if why is None and (self.is_fsdp_enabled or is_deepspeed_zero3_enabled()):
             why = "the weights are sharded (DeepSpeed ZeRO-3 or FSDP), so they cannot be compared here"
-        if why is None and encoder_dropout(student) is not None:
+        dropout = encoder_dropout(student)
+        if why is None and dropout is not None:
             why = (
-                f"the student's encoder applies dropout in training ({encoder_dropout(student)}), so its outputs "
+                f"the student's encoder applies dropout in training ({dropout}), so its outputs "
                 "are not the teacher's; set it to 0 (for a frozen encoder it only adds noise) to reuse them"
             )
         why = why or shared_encoder_problem(student, teacher)
