@@ -562,3 +562,12 @@ def test_cli_prunes_a_causal_model_from_a_text_file(capsys, tmp_path):
     assert "widths: hidden_size 32 -> 16, num_attention_heads 2 -> 1)" in capsys.readouterr().out
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert (reloaded.config.n_embd, reloaded.config.n_head, reloaded.config.n_inner) == (16, 1, 128)
+
+
+def test_a_folder_not_saved_with_save_to_disk_is_named(tmp_path):
+    from hf_kd.student.calibration import read_calibration_file
+
+    (tmp_path / "rows").mkdir()
+    (tmp_path / "rows" / "notes.txt").write_text("the cat\n")
+    with pytest.raises(ValueError, match=r"was not written by save_to_disk; give such a folder, or a \.jsonl"):
+        read_calibration_file(tmp_path / "rows", is_encoder_decoder=False)

@@ -163,6 +163,13 @@ def read_calibration_file(
     if path.is_dir():
         from datasets import Dataset, load_from_disk
 
+        from hf_kd.recipe.data import is_saved_dataset
+
+        if not is_saved_dataset(str(path)):
+            raise ValueError(
+                f"calibration folder {str(path)!r} was not written by save_to_disk; give such a folder, or a .jsonl, "
+                ".json, .csv or .txt file."
+            )
         data = load_from_disk(str(path))
         if not isinstance(data, Dataset):
             if "train" not in data:
