@@ -51,6 +51,12 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hf_kd"
 
 
+def is_saved_dataset(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``."""
+    folder = Path(path)
+    return (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()
+
+
 def split_of(module: str) -> str:
     """The split a module belongs to, from a stable hash of its name (not Python's salted ``hash``)."""
     bucket = int(hashlib.sha1(module.encode("utf-8")).hexdigest(), 16) % 100

@@ -12,6 +12,7 @@ from typing import Any
 import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
+from hf_kd.data import is_saved_dataset
 from hf_kd.recipe.args import STDLIB_DOCSTRINGS, ConfigError, DataArguments, missing_reason, not_utf8
 
 logger = logging.getLogger(__name__)
@@ -60,12 +61,6 @@ def utf8_errors_named(data_args: DataArguments) -> Iterator[None]:
         if cause is None:
             raise
         raise ConfigError(_not_utf8_message(data_args, cause)) from None
-
-
-def is_saved_dataset(path: str) -> bool:
-    """Whether ``path`` is a folder written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``."""
-    folder = Path(path)
-    return (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()
 
 
 def _load_saved(paths: dict[str, str]) -> DatasetDict:

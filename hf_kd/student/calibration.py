@@ -163,7 +163,7 @@ def read_calibration_file(
     if path.is_dir():
         from datasets import Dataset, load_from_disk
 
-        from hf_kd.recipe.data import is_saved_dataset
+        from hf_kd.data import is_saved_dataset
 
         if not is_saved_dataset(str(path)):
             raise ValueError(
